@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both set up .venv first.
+PHASE ?= 1
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint setup clean
+
+$(BIN)/taskman: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/taskman
+
+run: setup
+	$(BIN)/taskman serve --phase $(PHASE)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .taskman .pytest_cache .mypy_cache .ruff_cache

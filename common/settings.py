@@ -1,0 +1,89 @@
+"""Settings from the environment (``TASKMAN_*``) or a ``.env`` file.
+
+Every field has a default so that ``taskman serve --phase 1`` works with no set-up;
+each phase ignores the fields it does not use.
+"""
+
+import os
+import random
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cpu_workers() -> int:
+    # Leave one core to the event loop: a pool as large as the machine starves it
+    # (see docs/phase1.md for the measurement).
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TASKMAN_", env_file=".env", extra="ignore"
+    )
+
+    # --- every phase
+    max_retries: int = Field(default=3, ge=0, le=10)
+    # Seconds to wait before retry 1, 2, 3...; the last value repeats.
+    retry_backoff: Annotated[list[float], NoDecode] = [1.0, 2.0, 4.0]
+    # Each delay is stretched by up to this fraction, so that retries of tasks that
+    # failed together do not all come back at the same instant.
+    retry_jitter: float = Field(default=0.1, ge=0, le=1)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    idempotency_ttl: int = Field(default=24 * 3600, ge=1)
+    # How long a finished task stays readable (phase 1 memory, RQ's result_ttl).
+    retention_seconds: int = Field(default=3600, ge=1)
+
+    # --- phase 1: the in-process event bus
+    max_queued: int = Field(default=10_000, ge=1)
+    io_concurrency: int = Field(default=64, ge=1)
+    cpu_workers: int = Field(default_factory=_default_cpu_workers, ge=1)
+    shutdown_timeout: float = Field(default=10.0, ge=0)
+
+    # --- phases 2 and 3: Redis and RQ
+    redis_url: str | None = None
+    queue_name: str = "taskman"
+    data_dir: Path = Path(".taskman")
+    # A worker SIGKILLed mid-task is noticed after this many seconds without a
+    # heartbeat; RQ's own default is 90 s (plus up to 600 s for maintenance).
+    job_heartbeat_seconds: int = Field(default=10, ge=2)
+
+    # --- phase 3: production
+    rate_limit_submit: str = "20/second;600/minute"
+    rate_limit_read: str = "100/second"
+    rate_limit_strategy: Literal[
+        "moving-window", "fixed-window", "sliding-window-counter"
+    ] = "moving-window"
+    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    dashboard_username: str = "admin"
+    dashboard_password: str | None = None
+    result_cache_ttl: int = Field(default=300, ge=0)
+
+    @field_validator("retry_backoff", mode="before")
+    @classmethod
+    def _split_floats(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_strings(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("retry_backoff")
+    @classmethod
+    def _not_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(delay < 0 for delay in value):
+            raise ValueError("give one or more delays in seconds, each >= 0")
+        return value
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = self.retry_backoff[min(attempt, len(self.retry_backoff)) - 1]
+        return base * (1 + random.uniform(0, self.retry_jitter))

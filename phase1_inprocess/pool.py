@@ -1,0 +1,83 @@
+"""The process pool that keeps CPU-bound tasks off the event loop.
+
+Threads would not do: they share the GIL with the loop. Processes do, but on a
+2-core machine a pool as large as the machine still starves the loop, so the pool
+(a) leaves a core to it by default and (b) runs at the lowest CPU priority, so the
+kernel always prefers the loop when they compete. docs/phase1.md has the numbers.
+"""
+
+import asyncio
+import ctypes
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from common.context import task_context
+from common.tasks import TASKS
+
+# One byte per pool slot in shared memory: the parent sets it to cancel the task
+# running in that slot, the child reads it at each checkpoint(). No IPC round trip.
+_cancel_flags: Any = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_child(cancel_flags: Any) -> None:
+    global _cancel_flags
+    _cancel_flags = cancel_flags
+    os.nice(19)
+    # Ctrl-C reaches the whole process group; only the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Die with the parent, even if it is SIGKILLed: no orphan keeps computing.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: shutdown() still reaps us
+        pass
+
+
+def _run_in_child(
+    type_name: str, payload: dict[str, Any], attempt: int, slot: int
+) -> Any:
+    def is_canceled() -> bool:
+        return bool(_cancel_flags[slot])
+
+    with task_context(attempt, is_canceled):
+        return TASKS[type_name].run(**payload)
+
+
+class CpuPool:
+    """``size`` worker processes; slot ``i`` is used by one caller at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._flags = multiprocessing.RawArray(ctypes.c_bool, size)
+        # spawn, not fork: a forked child would inherit uvicorn's signal handlers
+        # and copies of its sockets, and was seen to outlive the server.
+        self._executor = ProcessPoolExecutor(
+            size,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_child,
+            initargs=(self._flags,),
+        )
+
+    async def run(
+        self, slot: int, type_name: str, payload: dict[str, Any], attempt: int
+    ) -> Any:
+        """Run a task function in the pool; TaskCanceled if cancel(slot) was called."""
+        self._flags[slot] = False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, _run_in_child, type_name, payload, attempt, slot
+        )
+
+    def cancel(self, slot: int) -> None:
+        self._flags[slot] = True
+
+    async def aclose(self) -> None:
+        for slot in range(self.size):
+            self.cancel(slot)
+        # Blocks until the children exit: off the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

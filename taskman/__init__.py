@@ -1,0 +1,1 @@
+"""The ``taskman`` command and the tools that drive whole phases."""

@@ -1,0 +1,97 @@
+"""One suite for every phase: the ``phase`` fixture runs each contract test once per
+phase package. Adding a phase is adding one entry to PHASES."""
+
+import importlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+
+PHASES = [
+    pytest.param("phase1_inprocess", id="phase1"),
+]
+
+# How many long tasks it takes to keep every runner of a phase busy (phase 1: its
+# I/O consumers, set small below; later phases: their worker processes).
+CAPACITY = 2
+
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server of the suite's own, on a free port (never the machine's)."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return os.environ.get("TASKMAN_TEST_REDIS_URL") or redis_server.url
+
+
+@pytest.fixture(params=PHASES)
+def phase(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture
+def settings(phase: ModuleType, request: pytest.FixtureRequest) -> Settings:
+    """Test settings: retries at once (rq schedules delayed retries, a burst skips
+    them), a small phase-1 I/O lane so a test can fill it."""
+    values: dict[str, Any] = {
+        "retry_backoff": [0],
+        "retry_jitter": 0,
+        "io_concurrency": CAPACITY,
+        "cpu_workers": 1,
+        "shutdown_timeout": 1,
+        "data_dir": Path(".taskman-test"),
+    }
+    if phase.__name__ != "phase1_inprocess":
+        values["redis_url"] = request.getfixturevalue("redis_url")
+    return Settings(**values)
+
+
+@pytest.fixture
+def client(phase: ModuleType, settings: Settings) -> Iterator[TestClient]:
+    with TestClient(phase.create_app(settings)) as test_client:
+        yield test_client
+
+
+def submit(client: TestClient, type: str, **payload: Any) -> dict[str, Any]:  # noqa: A002
+    max_retries = payload.pop("max_retries", None)
+    body: dict[str, Any] = {"type": type, "payload": payload}
+    if max_retries is not None:
+        body["max_retries"] = max_retries
+    response = client.post("/tasks", json=body)
+    assert response.status_code == 202, response.text
+    task: dict[str, Any] = response.json()
+    return task
+
+
+def wait_for(
+    client: TestClient, task_id: str, *statuses: str, timeout: float = 20
+) -> dict[str, Any]:
+    """Poll GET /tasks/{id} until the task is in one of ``statuses`` (default:
+    finished); fail with its last state otherwise."""
+    wanted = statuses or FINISHED
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        task: dict[str, Any] = response.json()
+        if task["status"] in wanted:
+            return task
+        if time.monotonic() > deadline:
+            pytest.fail(f"task never reached {wanted}: {task}")
+        time.sleep(0.02)
