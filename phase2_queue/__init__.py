@@ -1,1 +1,3 @@
-"""Phase 2: tasks wait in Redis through RQ; separate worker processes run them."""
+from .app import create_app
+
+__all__ = ["create_app"]

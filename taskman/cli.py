@@ -1,12 +1,16 @@
-"""``taskman``: serve a phase, run a worker, or talk to a running API.
+"""taskman: serve a phase, run its workers, or talk to a running API."""
 
-A thin layer, like arq's cli.py: it builds Settings and hands over to uvicorn or RQ.
-It sits above the phases; nothing imports it.
-"""
+# A thin layer, like arq's cli.py: it builds Settings and hands over to uvicorn or
+# RQ. It sits above the phases; nothing imports it.
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
+from contextlib import ExitStack
 from typing import Annotated, Any
 
 import httpx
@@ -14,10 +18,13 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
 
-PHASES = {1: "phase1_inprocess"}
+PHASES = {1: "phase1_inprocess", 2: "phase2_queue"}
 LATEST = max(PHASES)
 
 Phase = Annotated[int, typer.Option(min=1, max=3, help="Which phase to run.")]
@@ -37,20 +44,89 @@ def serve(
     phase: Phase = LATEST,
     host: str = "127.0.0.1",
     port: int = 8000,
+    workers: Annotated[
+        int, typer.Option(min=0, help="RQ worker processes to start (phases 2-3).")
+    ] = 2,
 ) -> None:
-    """Serve a phase's API (OpenAPI docs at /docs)."""
+    """Serve a phase's API (OpenAPI docs at /docs); from phase 2 on, with workers."""
+    module = _module(phase)
+    _log_setup()
+    with ExitStack() as stack:
+        if phase >= 2:
+            settings = Settings()
+            if not settings.redis_url:
+                redis_server = EmbeddedRedis(settings.data_dir / "redis")
+                url = stack.enter_context(redis_server)
+                os.environ["TASKMAN_REDIS_URL"] = url  # for the app and the workers
+                logging.getLogger("taskman").info(
+                    "embedded Redis at %s (data in %s)", url, redis_server.data_dir
+                )
+            for _ in range(workers):
+                stack.enter_context(_worker_process(phase))
+        uvicorn.run(
+            f"{module}:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            # X-Forwarded-For is believed only from TASKMAN_TRUSTED_PROXIES (phase
+            # 3), not from anyone on 127.0.0.1 as uvicorn would by default.
+            proxy_headers=False,
+            timeout_graceful_shutdown=30,
+        )
+
+
+@app.command()
+def worker(
+    phase: Phase = LATEST,
+    burst: Annotated[bool, typer.Option(help="Quit when the queue is empty.")] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Worker processes to run.")
+    ] = 1,
+) -> None:
+    """Run RQ worker processes for a phase's queue (phases 2-3)."""
+    if phase < 2:
+        raise typer.BadParameter("phase 1 runs its tasks in the API process")
+    _module(phase)
+    _log_setup()
+    if concurrency > 1:
+        with ExitStack() as stack:
+            children = [
+                stack.enter_context(_worker_process(phase, burst))
+                for _ in range(concurrency)
+            ]
+            for child in children:
+                child.wait()
+        return
+    from phase2_queue.worker import run_worker
+
+    run_worker(Settings(), burst=burst)
+
+
+class _worker_process:
+    """A ``taskman worker`` child that is stopped (then killed) on exit."""
+
+    def __init__(self, phase: int, burst: bool = False) -> None:
+        args = ["worker", "--phase", str(phase)] + (["--burst"] if burst else [])
+        self.process = subprocess.Popen([sys.executable, "-m", "taskman", *args])
+
+    def __enter__(self) -> subprocess.Popen[bytes]:
+        return self.process
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            # RQ's warm shutdown: finish the current task. A task still running
+            # after the grace period is killed; its job goes back to the queue.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _log_setup() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s:  [taskman] %(message)s"
-    )
-    uvicorn.run(
-        f"{_module(phase)}:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        # X-Forwarded-For is believed only from TASKMAN_TRUSTED_PROXIES (phase 3),
-        # not from anyone on 127.0.0.1 as uvicorn would by default.
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
     )
 
 

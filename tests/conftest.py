@@ -3,6 +3,8 @@ phase package. Adding a phase is adding one entry to PHASES."""
 
 import importlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from common.settings import Settings
 
 PHASES = [
     pytest.param("phase1_inprocess", id="phase1"),
+    pytest.param("phase2_queue", id="phase2"),
 ]
 
 # How many long tasks it takes to keep every runner of a phase busy (phase 1: its
@@ -40,8 +43,29 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     return os.environ.get("TASKMAN_TEST_REDIS_URL") or redis_server.url
 
 
+@pytest.fixture(scope="session")
+def rq_workers(redis_url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """CAPACITY real ``taskman worker`` processes on the suite's Redis."""
+    env = {**os.environ, "TASKMAN_REDIS_URL": redis_url}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "taskman", "worker", "--phase", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(CAPACITY)
+    ]
+    yield workers
+    for worker in workers:
+        worker.kill()
+        worker.wait()
+
+
 @pytest.fixture(params=PHASES)
 def phase(request: pytest.FixtureRequest) -> ModuleType:
+    if request.param != "phase1_inprocess":
+        request.getfixturevalue("rq_workers")
     return importlib.import_module(request.param)
 
 

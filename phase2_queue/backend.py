@@ -1,0 +1,254 @@
+"""Phase 2: tasks wait in Redis as plain RQ jobs; worker processes run them.
+
+The hot paths speak Redis directly through ``redis.asyncio``: a POST writes the job
+exactly as RQ's ``enqueue`` would (same hash, same queue list) in one atomic script,
+and a GET reads the job's hash and latest result in one round trip. Jobs are built
+and decoded by RQ's own Job/Result classes, so stock ``rq`` tools see plain RQ jobs.
+"""
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus, Retry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+
+from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
+from common.models import Task, TaskCreate, TaskStatus
+from common.settings import Settings
+from common.tasks import TASKS
+from phase2_queue.worker import TaskJob, connect, task_queue
+
+# A client names a registered type; the job names the function's dotted path.
+FUNCTIONS = {name: f"{t.run.__module__}.{t.run.__name__}" for name, t in TASKS.items()}
+TYPES = {path: name for name, path in FUNCTIONS.items()}
+
+STATUSES = {
+    JobStatus.QUEUED: TaskStatus.QUEUED,
+    JobStatus.DEFERRED: TaskStatus.QUEUED,
+    JobStatus.SCHEDULED: TaskStatus.RETRYING,  # only retries are scheduled here
+    JobStatus.STARTED: TaskStatus.RUNNING,
+    JobStatus.FINISHED: TaskStatus.SUCCEEDED,
+    JobStatus.FAILED: TaskStatus.FAILED,
+    JobStatus.STOPPED: TaskStatus.FAILED,
+    JobStatus.CANCELED: TaskStatus.CANCELED,
+}
+
+# SET NX the idempotency key, write the job hash, push its id: all or nothing.
+ENQUEUE = """
+if KEYS[3] ~= '' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then return earlier end
+  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('SADD', 'rq:queues', KEYS[2])
+return false
+"""
+
+JOB_TIMEOUT = 300  # seconds; the longest task (sleep) takes 60
+
+
+class RQBackend:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        # RQ itself is sync: cancel (not a hot path) uses it from a thread.
+        self._sync = connect(settings)
+        self._queue = task_queue(settings, self._sync)
+        assert settings.redis_url
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=1, socket_timeout=5
+        )
+        self._enqueue = self._redis.register_script(ENQUEUE)
+
+    async def submit(
+        self, request: TaskCreate, idempotency_key: str | None = None
+    ) -> tuple[Task, bool]:
+        job = self._new_job(request)
+        fingerprint = request.fingerprint()
+        key = f"taskman:idempotency:{idempotency_key}" if idempotency_key else ""
+        fields = [item for pair in job.to_dict().items() for item in pair]
+        with _unavailable_when_redis_is_down():
+            earlier = await self._enqueue(
+                keys=[job.key, self._queue.key, key],
+                args=[
+                    job.id,
+                    "",
+                    f"{fingerprint} {job.id}",
+                    self._settings.idempotency_ttl,
+                    *fields,
+                ],
+            )
+        if earlier:
+            earlier_fingerprint, earlier_id = earlier.decode().split(" ")
+            if earlier_fingerprint != fingerprint:
+                raise IdempotencyConflict("Idempotency-Key was used with another body")
+            task = await self.get(earlier_id)
+            if task is not None:
+                return task, False
+            # The first task has expired: forget the key and start afresh.
+            await self._redis.delete(key)
+            return await self.submit(request, idempotency_key)
+        return _task(job, None), True
+
+    async def get(self, task_id: str) -> Task | None:
+        with _unavailable_when_redis_is_down():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(f"rq:job:{task_id}")
+                pipe.xrevrange(f"rq:results:{task_id}", count=1)
+                raw, results = await pipe.execute()
+        if not raw or b"data" not in raw:
+            return None
+        job = TaskJob(task_id, connection=self._sync, serializer=JSONSerializer)
+        job.restore(raw)
+        latest = None
+        if results:
+            result_id, payload = results[0]
+            latest = Result.restore(
+                task_id,
+                result_id.decode(),
+                payload,
+                connection=self._sync,
+                serializer=JSONSerializer,
+            )
+        return _task(job, latest)
+
+    async def cancel(self, task_id: str) -> Task | None:
+        with _unavailable_when_redis_is_down():
+            canceled = await anyio.to_thread.run_sync(self._cancel, task_id)
+        return await self.get(task_id) if canceled else None
+
+    def _cancel(self, task_id: str) -> bool:
+        """RQ's own cancel, in a transaction that fails if the job changes meanwhile."""
+        with self._sync.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(f"rq:job:{task_id}")  # type: ignore[no-untyped-call]
+                    try:
+                        job = TaskJob.fetch(
+                            task_id, connection=self._sync, serializer=JSONSerializer
+                        )
+                    except NoSuchJobError:
+                        return False
+                    status = STATUSES.get(
+                        job.get_status(refresh=False), TaskStatus.QUEUED
+                    )
+                    if status.finished:
+                        raise TaskFinished(f"task is already {status}")
+                    pipe.multi()
+                    job.cancel(pipeline=pipe)
+                    pipe.hset(job.key, "ended_at", utcformat(now()))
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    async def health(self) -> dict[str, Any]:
+        with _unavailable_when_redis_is_down():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.llen(self._queue.key)
+                pipe.scard(f"rq:workers:{self._settings.queue_name}")
+                _, queued, workers = await pipe.execute()
+        return {"redis": "ok", "queued": queued, "workers": workers}
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+        self._sync.close()
+
+    def _new_job(self, request: TaskCreate) -> TaskJob:
+        """The job RQ's enqueue would write, built in memory (no I/O)."""
+        max_retries = (
+            self._settings.max_retries
+            if request.max_retries is None
+            else request.max_retries
+        )
+        retry = None
+        if max_retries:
+            delays = [self._settings.retry_delay(n) for n in range(1, max_retries + 1)]
+            # Floats are fine at run time (RQ makes timedeltas of them); its type
+            # hints say int, which would round the jitter away.
+            retry = Retry(max=max_retries, interval=cast(list[int], delays))
+        job = cast(
+            TaskJob,
+            TaskJob.create(
+                FUNCTIONS[request.type],
+                kwargs=request.payload,
+                connection=self._sync,
+                id=uuid.uuid4().hex,
+                serializer=JSONSerializer,
+                # A fixed, safe description: rq-dashboard renders it unescaped.
+                description=f"taskman {request.type} task",
+                timeout=JOB_TIMEOUT,
+                result_ttl=self._settings.retention_seconds,
+                failure_ttl=self._settings.retention_seconds,
+                retry=retry,
+                meta={"max_retries": max_retries},
+                origin=self._queue.name,
+            ),
+        )
+        # What Queue.enqueue_job sets just before it saves.
+        job.enqueued_at = now()
+        job._status = JobStatus.QUEUED
+        return job
+
+
+def _task(job: TaskJob, latest: Result | None) -> Task:
+    status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
+    if status is TaskStatus.QUEUED and job.attempts:
+        status = TaskStatus.RETRYING  # back in the queue after a failed attempt
+    result = error = None
+    if latest is not None:
+        if latest.type == Result.Type.SUCCESSFUL:
+            result = latest.return_value
+        elif status is not TaskStatus.SUCCEEDED:
+            error = _short_error(latest.exc_string or "", job)
+    return Task(
+        id=job.id,
+        type=TYPES.get(job.func_name or "", job.func_name or "?"),
+        status=status,
+        payload=job.kwargs,
+        result=result,
+        error=error,
+        attempts=job.attempts,
+        max_retries=job.meta.get("max_retries", 0),
+        created_at=_utc(job.created_at) or now(),
+        started_at=_utc(job.started_at) if job.attempts else None,
+        finished_at=_utc(job.ended_at) if status.finished else None,
+    )
+
+
+def _short_error(exc_string: str, job: TaskJob) -> str:
+    """The exception line of RQ's traceback ("RuntimeError: boom"), never the rest."""
+    if "AbandonedJobError" in exc_string:
+        return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
+    lines = [line for line in exc_string.splitlines() if line.strip()]
+    # It is the first unindented line after the last (indented) frame line.
+    frames = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    first = frames[-1] + 1 if frames and frames[-1] + 1 < len(lines) else len(lines) - 1
+    return lines[first][:500] if lines else "error"
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@contextmanager
+def _unavailable_when_redis_is_down() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise BackendUnavailable(
+            "the queue (Redis) is unreachable; retry shortly"
+        ) from error

@@ -1,0 +1,3 @@
+from taskman.cli import app
+
+app()

@@ -1,0 +1,207 @@
+"""What phase 2 adds: nothing is lost when the API, a worker or Redis itself dies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+from phase2_queue import create_app
+from tests.conftest import submit, wait_for
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, which it may kill."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture
+def queue_settings(redis_url: str) -> Settings:
+    """A queue no session worker listens to: the test decides who runs what."""
+    return Settings(
+        redis_url=redis_url, queue_name=f"q{uuid.uuid4().hex[:8]}", retry_backoff=[0]
+    )
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "TASKMAN_REDIS_URL": str(settings.redis_url),
+        "TASKMAN_QUEUE_NAME": settings.queue_name,
+        "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "taskman", "worker", "--phase", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def drain(settings: Settings) -> None:
+    """Run the queue dry with one burst worker (rq's testing advice)."""
+    env = {
+        **os.environ,
+        "TASKMAN_REDIS_URL": str(settings.redis_url),
+        "TASKMAN_QUEUE_NAME": settings.queue_name,
+    }
+    subprocess.run(
+        [sys.executable, "-m", "taskman", "worker", "--phase", "2", "--burst"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_an_api_restart_loses_no_queued_task(queue_settings: Settings) -> None:
+    with TestClient(create_app(queue_settings)) as client:
+        ids = [submit(client, "echo", value=i)["id"] for i in range(20)]
+    # The API is gone; the tasks wait in Redis for a worker.
+    drain(queue_settings)
+    with TestClient(create_app(queue_settings)) as client:
+        for i, task_id in enumerate(ids):
+            task = wait_for(client, task_id)
+            assert (task["status"], task["result"]) == ("succeeded", i)
+
+
+@pytest.mark.parametrize(("max_retries", "ends"), [(1, "succeeded"), (0, "failed")])
+def test_a_task_whose_worker_is_killed_is_retried_or_failed_within_30s(
+    queue_settings: Settings, max_retries: int, ends: str
+) -> None:
+    doomed = start_worker(queue_settings)
+    rescuer = None
+    try:
+        with TestClient(create_app(queue_settings)) as client:
+            task = submit(client, "sleep", seconds=2, max_retries=max_retries)
+            wait_for(client, task["id"], "running")
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            killed_at = time.monotonic()
+            rescuer = start_worker(queue_settings)
+            final = wait_for(client, task["id"], timeout=30)
+            assert time.monotonic() - killed_at < 30
+            assert final["status"] == ends, final
+            if ends == "succeeded":
+                assert final["attempts"] == 2
+                assert final["result"] == {"slept": 2}
+            else:
+                assert final["attempts"] == 1
+                assert final["error"].startswith("WorkerLost: worker ")
+    finally:
+        for worker in (doomed, rescuer):
+            if worker is not None:
+                worker.kill()
+                worker.wait()
+
+
+def test_every_accepted_task_survives_a_redis_kill(own_redis: EmbeddedRedis) -> None:
+    settings = Settings(redis_url=own_redis.url, retry_backoff=[0])
+    with TestClient(create_app(settings)) as client:
+        ids = [submit(client, "echo", value=i)["id"] for i in range(50)]
+    time.sleep(1.5)  # appendfsync everysec: what got a 202 a second ago is on disk
+    own_redis.restart(kill=True)
+    drain(settings)
+    with TestClient(create_app(settings)) as client:
+        for i, task_id in enumerate(ids):
+            assert wait_for(client, task_id)["result"] == i
+
+
+def test_redis_down_is_503_then_everything_recovers(own_redis: EmbeddedRedis) -> None:
+    settings = Settings(redis_url=own_redis.url, retry_backoff=[0])
+    worker = start_worker(settings)
+    try:
+        with TestClient(create_app(settings)) as client:
+            before = submit(client, "echo", value="before")
+            own_redis.stop()
+            for response in (
+                client.post("/tasks", json={"type": "echo", "payload": {"value": 1}}),
+                client.get(f"/tasks/{before['id']}"),
+                client.delete(f"/tasks/{before['id']}"),
+                client.get("/health"),
+            ):
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"]
+                assert "Redis" in response.text
+            assert client.get("/health").json()["status"] == "degraded"
+            own_redis.start()
+            # Same API process, same worker process: both reconnect by themselves.
+            assert client.get("/health").status_code == 200
+            after = submit(client, "echo", value="after")
+            assert wait_for(client, after["id"], timeout=30)["result"] == "after"
+            assert wait_for(client, before["id"], timeout=30)["result"] == "before"
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_tasks_are_plain_rq_jobs_seen_by_rq_info(queue_settings: Settings) -> None:
+    with TestClient(create_app(queue_settings)) as client:
+        task = submit(client, "echo", value={"html": "<b>"})
+    info = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rq"),
+            "info",
+            "--url",
+            str(queue_settings.redis_url),
+            queue_settings.queue_name,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert queue_settings.queue_name in info.stdout
+    assert "1 jobs total" in info.stdout or "1 job" in info.stdout, info.stdout
+    # JSON, never pickle: the job's data decodes as JSON naming a registered function.
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+    data = json.loads(zlib.decompress(connection.hget(f"rq:job:{task['id']}", "data")))
+    assert data[0] == "common.tasks.echo"
+    assert (
+        connection.hget(f"rq:job:{task['id']}", "description") == b"taskman echo task"
+    )
+    drain(queue_settings)
+
+
+def test_an_idempotency_key_holds_across_api_processes(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"type": "echo", "payload": {"value": "once"}}
+    with (
+        TestClient(create_app(settings)) as one,
+        TestClient(create_app(settings)) as two,
+    ):
+        first = one.post("/tasks", json=body, headers=key)
+        again = two.post("/tasks", json=body, headers=key)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.json()["id"] == again.json()["id"]
+
+
+def test_health_reports_queue_depth_and_workers(queue_settings: Settings) -> None:
+    with TestClient(create_app(queue_settings)) as client:
+        for i in range(3):
+            submit(client, "echo", value=i)
+        health = client.get("/health").json()
+    assert health == {
+        "status": "ok",
+        "phase": 2,
+        "redis": "ok",
+        "queued": 3,
+        "workers": 0,
+    }
+    drain(queue_settings)
