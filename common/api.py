@@ -32,7 +32,9 @@ TASK_ID = re.compile(r"[0-9a-f]{32}")
 router = APIRouter()
 
 
-def get_backend(request: Request) -> TaskBackend:
+async def get_backend(request: Request) -> TaskBackend:
+    # async on purpose: FastAPI runs a plain def dependency in a thread pool, a
+    # thread hop on every request for what is a dictionary lookup.
     backend: TaskBackend = request.app.state.backend
     return backend
 
@@ -44,41 +46,49 @@ def _not_found(task_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail="task not found")
 
 
+def task_response(
+    task: Task, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """The task as JSON. Returning a Response skips FastAPI's second validation of
+    a Task that our own code has just built: measurably more requests per second."""
+    return Response(
+        task.model_dump_json(), status_code, headers, media_type="application/json"
+    )
+
+
 @router.post(
     "/tasks",
     status_code=202,
+    response_model=Task,
     responses={200: {"model": Task, "description": "an idempotent repeat"}},
 )
 async def create_task(
     body: TaskCreate,
     backend: Backend,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
-) -> Task:
+) -> Response:
     """Queue a task; answers at once, before it runs."""
     task, created = await backend.submit(body, idempotency_key)
-    response.headers["Location"] = f"/tasks/{task.id}"
-    if not created:
-        response.status_code = 200
-    return task
+    location = {"Location": f"/tasks/{task.id}"}
+    return task_response(task, 202 if created else 200, location)
 
 
-@router.get("/tasks/{task_id}")
-async def read_task(task_id: str, backend: Backend) -> Task:
+@router.get("/tasks/{task_id}", response_model=Task)
+async def read_task(task_id: str, backend: Backend) -> Response:
     """A task's status, and its result once finished."""
     task = await backend.get(task_id) if TASK_ID.fullmatch(task_id) else None
     if task is None:
         raise _not_found(task_id)
-    return task
+    return task_response(task)
 
 
-@router.delete("/tasks/{task_id}")
-async def cancel_task(task_id: str, backend: Backend) -> Task:
+@router.delete("/tasks/{task_id}", response_model=Task)
+async def cancel_task(task_id: str, backend: Backend) -> Response:
     """Cancel a queued, retrying or running task."""
     task = await backend.cancel(task_id) if TASK_ID.fullmatch(task_id) else None
     if task is None:
         raise _not_found(task_id)
-    return task
+    return task_response(task)
 
 
 @router.get("/health")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -167,3 +168,26 @@ def _answer(response: httpx.Response) -> Any:
         console.print(f"[red]{response.status_code}[/red] {response.text}")
         raise typer.Exit(1)
     return response.json()
+
+
+@app.command()
+def bench(
+    phases: Annotated[str, typer.Option(help="Comma-separated phases.")] = "1,2",
+    seconds: Annotated[float, typer.Option(help="Seconds of load per figure.")] = 5,
+    jobs: Annotated[int, typer.Option(help="Jobs per worker figure.")] = 2000,
+    quick: Annotated[bool, typer.Option(help="Short run (under a minute).")] = False,
+    out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
+    from taskman.bench import run, table
+
+    if quick:
+        seconds, jobs = 1, 300
+    chosen = [int(p) for p in phases.split(",") if p.strip()]
+    for phase in chosen:
+        _module(phase)
+    results = run(chosen, seconds, jobs, out)
+    print(table(results))
+    console.print(f"[dim]JSON: {results['json']}[/dim]")

@@ -1,0 +1,416 @@
+"""``taskman bench``: every phase as real processes, measured in one run against
+baselines run in that same run, so each figure is a ratio that holds on any machine.
+"""
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from rich.console import Console
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from common.redis_server import EmbeddedRedis, free_port
+
+console = Console(stderr=True)
+PHASE_MODULES = {1: "phase1_inprocess", 2: "phase2_queue"}
+ECHO = {"type": "echo", "payload": {"value": 1}}
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    tool: str
+
+
+@contextmanager
+def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``uvicorn --factory module:create_app``, the same settings for every app."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            f"{module}:create_app",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--no-proxy-headers",
+        ],
+        env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(f"{url}/health", process)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def workers(count: int, env: dict[str, str], stock: bool = False) -> Iterator[None]:
+    processes = [_worker(env, stock=stock) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def _worker(
+    env: dict[str, str], burst: bool = False, stock: bool = False
+) -> "subprocess.Popen[bytes]":
+    if stock:
+        # Stock RQ: its own CLI, SimpleWorker, the same JSON serializer.
+        command = [
+            str(Path(sys.executable).parent / "rq"),
+            "worker",
+            "-w",
+            "rq.worker.SimpleWorker",
+            "--serializer",
+            "rq.serializers.JSONSerializer",
+            "--url",
+            env["TASKMAN_REDIS_URL"],
+            "--quiet",
+            env["TASKMAN_QUEUE_NAME"],
+        ]
+    else:
+        command = [sys.executable, "-m", "taskman", "worker", "--phase", "2"]
+    if burst:
+        command.append("--burst")
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait(url: str, process: "subprocess.Popen[bytes]", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.1)
+
+
+def load(
+    url: str, seconds: float, connections: int = 32, body: dict[str, Any] | None = None
+) -> Load:
+    """Requests/s and latency percentiles under load, from wrk where installed."""
+    if shutil.which("wrk"):
+        return _wrk(url, seconds, connections, body)
+    return _python_load(url, seconds, connections, body)
+
+
+def _wrk(
+    url: str, seconds: float, connections: int, body: dict[str, Any] | None
+) -> Load:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        if body is not None:
+            script.write(
+                'wrk.method = "POST"\n'
+                f"wrk.body = [[{json.dumps(body)}]]\n"
+                'wrk.headers["Content-Type"] = "application/json"\n'
+            )
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    if "Non-2xx" in out:
+        raise RuntimeError(f"errors under load:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    return Load(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), "wrk")
+
+
+def _wrk_ms(out: str, percentile: str) -> float:
+    value, unit = re.search(rf"{percentile}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _python_load(
+    url: str, seconds: float, connections: int, body: dict[str, Any] | None
+) -> Load:
+    import asyncio
+
+    latencies: list[float] = []
+
+    async def one_connection(client: httpx.AsyncClient, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            if body is None:
+                response = await client.get(url)
+            else:
+                response = await client.post(url, json=body)
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=connections)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            started = time.monotonic()
+            deadline = started + seconds
+            await asyncio.gather(
+                *(one_connection(client, deadline) for _ in range(connections))
+            )
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(main())
+    p50, p99 = _percentiles(latencies)
+    return Load(len(latencies) / elapsed, p50, p99, "httpx (wrk not installed)")
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    ordered = sorted(seconds)
+    if not ordered:
+        return 0.0, 0.0
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return pick(0.5), pick(0.99)
+
+
+def finished_task(url: str) -> str:
+    with httpx.Client(base_url=url, timeout=10) as client:
+        task_id: str = client.post("/tasks", json=ECHO).json()["id"]
+        deadline = time.monotonic() + 30
+        while client.get(f"/tasks/{task_id}").json()["status"] != "succeeded":
+            if time.monotonic() > deadline:
+                raise TimeoutError("echo task never finished")
+            time.sleep(0.01)
+    return task_id
+
+
+def echo_latency(url: str, count: int) -> tuple[float, float]:
+    """Submit -> succeeded, from the task's own timestamps (server clock)."""
+    spans = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        ids = []
+        for _ in range(count):
+            ids.append(client.post("/tasks", json=ECHO).json()["id"])
+            time.sleep(0.005)  # one at a time: latency, not throughput
+        for task_id in ids:
+            deadline = time.monotonic() + 30
+            while (task := client.get(f"/tasks/{task_id}").json())[
+                "status"
+            ] != "succeeded":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(task)
+                time.sleep(0.01)
+            created = datetime.fromisoformat(task["created_at"])
+            spans.append(
+                (datetime.fromisoformat(task["finished_at"]) - created).total_seconds()
+            )
+    return _percentiles(spans)
+
+
+def health_latency(url: str, count: int) -> tuple[float, float]:
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count):
+            started = time.perf_counter()
+            client.get(f"{url}/health").raise_for_status()
+            times.append(time.perf_counter() - started)
+            time.sleep(0.005)
+    return _percentiles(times)
+
+
+def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float:
+    """Jobs/s of a burst of echo jobs, first start to last end, from RQ's own stamps."""
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(name, connection=connection, serializer=JSONSerializer)
+    queue.enqueue_many(
+        [
+            Queue.prepare_data(
+                "common.tasks.echo", kwargs={"value": None}, result_ttl=600
+            )
+            for _ in range(jobs)
+        ]
+    )
+    env = {"TASKMAN_REDIS_URL": redis_url, "TASKMAN_QUEUE_NAME": name}
+    burst = [_worker(env, burst=True, stock=stock) for _ in range(processes)]
+    for process in burst:
+        process.wait(timeout=600)
+    keys = [f"rq:job:{job_id}" for job_id in queue.finished_job_registry.get_job_ids()]
+    with connection.pipeline() as pipe:
+        for key in keys:
+            pipe.hmget(key, ["started_at", "ended_at"])
+        stamps = pipe.execute()
+    if len(stamps) != jobs:
+        raise RuntimeError(f"{jobs - len(stamps)} jobs did not finish")
+    starts = [datetime.fromisoformat(s.decode()) for s, _ in stamps]
+    ends = [datetime.fromisoformat(e.decode()) for _, e in stamps]
+    connection.close()
+    return jobs / (max(ends) - min(starts)).total_seconds()
+
+
+def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "seconds": seconds,
+    }
+    with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data)) as redis_url:
+        console.log("baseline: bare FastAPI")
+        with service("taskman.baseline") as url:
+            results["baseline_post"] = asdict(load(f"{url}/tasks", seconds, body=ECHO))
+            results["baseline_get"] = asdict(load(f"{url}/tasks/{'0' * 32}", seconds))
+        for phase in phases:
+            console.log(f"phase {phase}: POST, GET, echo latency")
+            env = {
+                "TASKMAN_REDIS_URL": redis_url,
+                "TASKMAN_MAX_QUEUED": "1000000",
+                "TASKMAN_QUEUE_NAME": f"bench-phase{phase}",
+            }
+            with service(PHASE_MODULES[phase], env) as url:
+                post = load(f"{url}/tasks", seconds, body=ECHO)
+                if phase >= 2:
+                    redis.Redis.from_url(redis_url).delete(
+                        f"rq:queue:bench-phase{phase}"
+                    )
+                with workers(1 if phase >= 2 else 0, env):
+                    task_id = finished_task(url)
+                    echo = echo_latency(url, max(50, jobs // 10))
+                get = load(f"{url}/tasks/{task_id}", seconds)
+            results[f"phase{phase}"] = {
+                "post": asdict(post),
+                "get": asdict(get),
+                "echo_p50_ms": echo[0],
+                "echo_p99_ms": echo[1],
+            }
+        if any(phase >= 2 for phase in phases):
+            console.log("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
+            results["workers"] = {
+                f"{kind}_{n}": round(
+                    worker_rate(redis_url, jobs, n, kind == "stock"), 1
+                )
+                for kind in ("stock", "taskman")
+                for n in (1, 2)
+            }
+        if 1 in phases:
+            console.log("phase 1: /health while the pool is busy")
+            results["loop"] = loop_figures(seconds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{results['date'][:19].replace(':', '')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    results["json"] = str(path)
+    return results
+
+
+def loop_figures(seconds: float) -> dict[str, Any]:
+    """/health p50/p99: idle; pool saturated; pool as large as the machine; naive."""
+    cores = os.cpu_count() or 2
+    variants = {
+        "default pool": ("phase1_inprocess", {}),
+        f"pool of {cores} (one per core)": (
+            "phase1_inprocess",
+            {"TASKMAN_CPU_WORKERS": str(cores)},
+        ),
+        "naive (CPU work on the loop)": ("taskman.naive", {}),
+    }
+    figures: dict[str, Any] = {}
+    count = max(30, int(seconds * 20))
+    for label, (module, env) in variants.items():
+        with service(module, env) as url:
+            if not figures:
+                figures["idle"] = health_latency(url, count)
+            busy = {"type": "hash", "payload": {"data": "x", "iterations": 2_000_000}}
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(cores * 4):
+                    client.post("/tasks", json=busy)
+            time.sleep(0.3)
+            figures[label] = health_latency(url, count)
+    return figures
+
+
+def table(results: dict[str, Any]) -> str:
+    def ratio(value: float, base: float) -> str:
+        return f"{value / base:.0%}" if base else "-"
+
+    bp, bg = results["baseline_post"], results["baseline_get"]
+    lines = [
+        f"Run {results['date']} on {results['machine']}; load: {bp['tool']}, "
+        f"{results['seconds']} s per figure.",
+        "",
+        "| | POST /tasks req/s | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | vs bare | echo submit→done p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        f"| bare FastAPI | {bp['rps']:.0f} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | 100% | - |",
+    ]
+    for key in ("phase1", "phase2", "phase3"):
+        if key in results:
+            r = results[key]
+            lines.append(
+                f"| {key} | {r['post']['rps']:.0f} | {ratio(r['post']['rps'], bp['rps'])} | "
+                f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | "
+                f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
+            )
+    if "workers" in results:
+        w = results["workers"]
+        lines += [
+            "",
+            "| worker on echo, jobs/s | 1 process | 2 processes |",
+            "|---|---|---|",
+            f"| stock `rq worker` (SimpleWorker) | {w['stock_1']} | {w['stock_2']} |",
+            f"| taskman worker | {w['taskman_1']} ({ratio(w['taskman_1'], w['stock_1'])}) | "
+            f"{w['taskman_2']} ({ratio(w['taskman_2'], w['stock_2'])}) |",
+        ]
+    if "loop" in results:
+        lines += [
+            "",
+            "| phase 1 /health while hashing | p50 ms | p99 ms |",
+            "|---|---|---|",
+        ]
+        for label, (p50, p99) in results["loop"].items():
+            lines.append(f"| {label} | {p50} | {p99} |")
+    return "\n".join(lines)
