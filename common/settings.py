@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     )
 
     # --- every phase
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_retries: int = Field(default=3, ge=0, le=10)
     # Seconds to wait before retry 1, 2, 3...; the last value repeats.
     retry_backoff: Annotated[list[float], NoDecode] = [1.0, 2.0, 4.0]

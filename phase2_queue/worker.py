@@ -157,7 +157,9 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
         )
         worker.max_connection_wait_time = 2.0
         try:
-            worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+            worker.work(
+                burst=burst, with_scheduler=True, logging_level=settings.log_level
+            )
         except redis.RedisError as error:
             log.warning("worker lost Redis (%s); starting over", error)
         if burst or worker._stop_requested:
