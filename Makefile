@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both set up .venv first.
-PHASE ?= 1
+PHASE ?= 2
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -52,6 +52,9 @@ def serve(
     """Serve a phase's API (OpenAPI docs at /docs); from phase 2 on, with workers."""
     module = _module(phase)
     _log_setup()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: with the default
+    # action that would kill us before the ExitStack stops Redis and the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with ExitStack() as stack:
         if phase >= 2:
             settings = Settings()

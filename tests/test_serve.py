@@ -62,3 +62,67 @@ def test_taskman_serve_phase1_runs_tasks_and_leaves_no_process(tmp_path: Path) -
     assert lost and int(lost[1]) >= 2
     time.sleep(0.2)
     assert [pid for pid in children if alive(pid)] == []
+
+
+def test_taskman_serve_phase2_keeps_tasks_across_a_restart(tmp_path: Path) -> None:
+    env = {"TASKMAN_DATA_DIR": str(tmp_path / "data"), "TASKMAN_REDIS_URL": ""}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # First life: API only (--workers 0), so the tasks can only wait.
+    first = taskman(
+        "serve",
+        "--phase",
+        "2",
+        "--port",
+        str(port),
+        "--workers",
+        "0",
+        env=env,
+        log=tmp_path / "first.log",
+    )
+    try:
+        wait_http(f"{base}/health", process=first)
+        with httpx.Client(base_url=base, timeout=10) as client:
+            ids = [
+                client.post(
+                    "/tasks", json={"type": "echo", "payload": {"value": i}}
+                ).json()["id"]
+                for i in range(5)
+            ]
+            assert client.get("/health").json()["queued"] == 5
+        time.sleep(1.2)  # the AOF is fsynced every second
+        children = descendants(first.pid)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    time.sleep(0.2)
+    assert [pid for pid in children if alive(pid)] == [], "embedded Redis left behind"
+    # Second life: same data directory, now with a worker.
+    second = taskman(
+        "serve",
+        "--phase",
+        "2",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        env=env,
+        log=tmp_path / "second.log",
+    )
+    try:
+        wait_http(f"{base}/health", process=second)
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for i, task_id in enumerate(ids):
+                deadline = time.monotonic() + 30
+                while (task := client.get(f"/tasks/{task_id}").json())[
+                    "status"
+                ] != "succeeded":
+                    assert time.monotonic() < deadline, task
+                    time.sleep(0.05)
+                assert task["result"] == i
+        children = descendants(second.pid)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    time.sleep(0.2)
+    assert [pid for pid in children if alive(pid)] == []
