@@ -16,8 +16,11 @@ from typing import Any, cast
 import anyio
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from rq.exceptions import NoSuchJobError
-from rq.job import JobStatus, Retry
+from rq.job import JobStatus
+from rq.job import Retry as RQRetry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
@@ -74,8 +77,13 @@ class RQBackend:
         self._sync = connect(settings)
         self._queue = task_queue(settings, self._sync)
         assert settings.redis_url
+        # Fail fast when Redis is away: the client gets a 503 and retries. (redis-py
+        # would otherwise retry a refused connection 3 times with backoff.)
         self._redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=1, socket_timeout=5
+            settings.redis_url,
+            socket_connect_timeout=1,
+            socket_timeout=5,
+            retry=Retry(NoBackoff(), 1),
         )
         self._enqueue = self._redis.register_script(ENQUEUE)
 
@@ -87,7 +95,7 @@ class RQBackend:
         data = fields.pop("data")
         fingerprint = request.fingerprint() if idempotency_key else ""
         key = f"taskman:idempotency:{idempotency_key}" if idempotency_key else ""
-        with _unavailable_when_redis_is_down():
+        with unavailable_when_redis_is_down():
             earlier = await self._enqueue(
                 keys=[job.key, self._queue.key, key],
                 args=[
@@ -111,7 +119,7 @@ class RQBackend:
         return _task(job, None), True
 
     async def get(self, task_id: str) -> Task | None:
-        with _unavailable_when_redis_is_down():
+        with unavailable_when_redis_is_down():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(f"rq:job:{task_id}")
                 pipe.xrevrange(f"rq:results:{task_id}", count=1)
@@ -133,7 +141,7 @@ class RQBackend:
         return _task(job, latest)
 
     async def cancel(self, task_id: str) -> Task | None:
-        with _unavailable_when_redis_is_down():
+        with unavailable_when_redis_is_down():
             canceled = await anyio.to_thread.run_sync(self._cancel, task_id)
         return await self.get(task_id) if canceled else None
 
@@ -163,7 +171,7 @@ class RQBackend:
                     continue
 
     async def health(self) -> dict[str, Any]:
-        with _unavailable_when_redis_is_down():
+        with unavailable_when_redis_is_down():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.ping()
                 pipe.llen(self._queue.key)
@@ -187,7 +195,7 @@ class RQBackend:
             delays = [self._settings.retry_delay(n) for n in range(1, max_retries + 1)]
             # Floats are fine at run time (RQ makes timedeltas of them); its type
             # hints say int, which would round the jitter away.
-            retry = Retry(max=max_retries, interval=cast(list[int], delays))
+            retry = RQRetry(max=max_retries, interval=cast(list[int], delays))
         job = cast(
             TaskJob,
             TaskJob.create(
@@ -259,7 +267,7 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 @contextmanager
-def _unavailable_when_redis_is_down() -> Iterator[None]:
+def unavailable_when_redis_is_down() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as error:
