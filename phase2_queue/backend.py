@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.job import Retry as RQRetry
@@ -86,6 +87,15 @@ class RQBackend:
             retry=Retry(NoBackoff(), 1),
         )
         self._enqueue = self._redis.register_script(ENQUEUE)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The async client, for layers that phase 3 adds on top."""
+        return self._redis
+
+    @property
+    def queue(self) -> Queue:
+        return self._queue
 
     async def submit(
         self, request: TaskCreate, idempotency_key: str | None = None

@@ -22,6 +22,10 @@ from common.settings import Settings
 
 log = logging.getLogger("taskman")
 
+# Outcome counters ("succeeded:echo" -> n) for /metrics, written in the same
+# pipelines as RQ's own per-worker counts: no extra round trip.
+OUTCOMES_KEY = "taskman:outcomes"
+
 
 class TaskJob(Job):
     """An RQ job that counts its attempts in one extra field of its hash."""
@@ -49,6 +53,8 @@ class TaskWorker(SimpleWorker):
         self._last_beat = 0.0
         self._lock = threading.Lock()
         self._canceled = False
+        self._failure = "failed"
+        self._task_type = "?"
         self._stop_keeper = threading.Event()
 
     # --- attempts and cooperative cancel
@@ -56,6 +62,8 @@ class TaskWorker(SimpleWorker):
     def perform_job(self, job: Job, queue: Queue) -> bool:
         assert isinstance(job, TaskJob)
         self._canceled = False
+        # Function names are the registered type names (common.tasks.echo -> echo).
+        self._task_type = (job.func_name or "?").rsplit(".", 1)[-1]
         # prepare_for_execution (inside perform_job) counts this attempt.
         with task_context(job.attempts + 1, lambda: self._is_canceled(job)):
             performed: bool = super().perform_job(job, queue)
@@ -79,7 +87,20 @@ class TaskWorker(SimpleWorker):
                 self.cleanup_execution(job, pipeline=pipeline)
                 pipeline.execute()
             return
+        self._failure = "retried" if job.should_retry else "failed"
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
+
+    def increment_successful_job_count(self, pipeline: Any = None) -> None:
+        super().increment_successful_job_count(pipeline)
+        self._count("succeeded", pipeline)
+
+    def increment_failed_job_count(self, pipeline: Any = None) -> None:
+        super().increment_failed_job_count(pipeline)
+        self._count(self._failure, pipeline)
+
+    def _count(self, outcome: str, pipeline: Any) -> None:
+        key = f"{outcome}:{self._task_type}"
+        (pipeline or self.connection).hincrby(OUTCOMES_KEY, key, 1)
 
     # --- short heartbeats, frequent clean-up
 
@@ -118,6 +139,12 @@ class TaskWorker(SimpleWorker):
         finally:
             self._stop_keeper.set()
             keeper.join()
+
+
+def read_outcomes(connection: redis.Redis) -> dict[str, float]:
+    """What every worker has counted so far: {"succeeded:echo": n, ...}."""
+    counts: Any = connection.hgetall(OUTCOMES_KEY)
+    return {key.decode(): float(value) for key, value in counts.items()}
 
 
 def connect(settings: Settings) -> redis.Redis:

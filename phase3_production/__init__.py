@@ -1,1 +1,3 @@
-"""Phase 3: phase 2 plus rate limits, a dashboard, a result cache and metrics."""
+from .app import create_app
+
+__all__ = ["create_app"]

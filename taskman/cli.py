@@ -25,7 +25,7 @@ from common.settings import Settings
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
 
-PHASES = {1: "phase1_inprocess", 2: "phase2_queue"}
+PHASES = {1: "phase1_inprocess", 2: "phase2_queue", 3: "phase3_production"}
 LATEST = max(PHASES)
 
 Phase = Annotated[int, typer.Option(min=1, max=3, help="Which phase to run.")]

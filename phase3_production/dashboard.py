@@ -1,0 +1,253 @@
+"""rq-dashboard at /dashboard: a Flask app behind our own ASGI gate (Basic auth, a
+same-origin check on anything that changes state), with its XSS holes closed.
+Off unless TASKMAN_DASHBOARD_PASSWORD is set.
+"""
+
+import base64
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import rq_dashboard
+import rq_dashboard.web
+from a2wsgi import WSGIMiddleware
+from fastapi import FastAPI
+from flask import Flask, Response, request
+from flask.json.provider import DefaultJSONProvider
+from flask.templating import DispatchingJinjaLoader
+from jinja2 import Environment
+from rq.serializers import JSONSerializer
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.settings import Settings
+
+log = logging.getLogger("taskman")
+
+PREFIX = "/dashboard"
+REALM = "taskman dashboard"
+
+# Every path the dashboard serves is made of these (queue names, registry names,
+# job ids, static files). Anything else is refused before Flask sees it, which
+# also closes a reflected XSS: rq-dashboard 0.9 writes the queue name from the URL
+# into a JavaScript string unescaped (jobs.js, `$(this).val('{{ queue.name }}')`).
+SAFE_PATH = re.compile(r"[A-Za-z0-9/._:~-]*")
+
+# No sniffing (a JSON answer is never rendered as a page), no framing (a hidden
+# frame could trick the admin into clicking "Empty queue").
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+# A response is an ASGI app that answers the same every time (and, unlike a plain
+# function, a Route takes it as one).
+NOT_FOUND = JSONResponse({"detail": "Not Found"}, status_code=404)
+
+# Underscore templates: `<%= x %>` inserts x as raw HTML, `<%- x %>` escapes it.
+RAW_INTERPOLATION = re.compile(r"<%=(.*?)%>", re.DOTALL)
+# `'{{ name }}'` inside a JavaScript include, where Jinja does not autoescape.
+QUOTED_JINJA_IN_JS = re.compile(r"'\{\{\s*([\w.]+)\s*\}\}'")
+
+
+def harden_template(source: str) -> str:
+    """rq-dashboard's templates with every interpolation of job data escaped.
+
+    Its job page (job.html) inserts description, result, metadata and exception
+    text with `<%= %>`, i.e. as HTML, and its workers page does the same with the
+    running job's call string (its arguments): a task whose error message or
+    payload holds `<img src=x onerror=...>` runs script in the admin's browser.
+    """
+
+    def escaped(match: re.Match[str]) -> str:
+        expression = match[1]
+        # `$('<div/>').text(x).html()` is already escaped by jQuery; escaping it
+        # again would show `&lt;` to the reader.
+        if expression.strip().endswith(".html()"):
+            return match[0]
+        return f"<%-{expression}%>"
+
+    source = RAW_INTERPOLATION.sub(escaped, source)
+    return QUOTED_JINJA_IN_JS.sub(r"{{ \1|tojson }}", source)
+
+
+class _HardenedTemplates(DispatchingJinjaLoader):
+    def get_source(
+        self, environment: Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        source, filename, uptodate = super().get_source(environment, template)
+        if template.startswith("rq_dashboard/"):
+            source = harden_template(source)
+        return source, filename, uptodate
+
+
+class _HtmlSafeJSON(DefaultJSONProvider):
+    """JSON whose strings cannot be read as markup: <, >, & and ' as \\u escapes.
+
+    The same JSON to a JSON parser; inert if a browser or a template treats it as
+    HTML.
+    """
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        text = super().dumps(obj, **kwargs)
+        for char in "<>&'":
+            text = text.replace(char, f"\\u{ord(char):04x}")
+        return text
+
+
+class _DashboardFlask(Flask):
+    json_provider_class = _HtmlSafeJSON
+
+    def create_global_jinja_loader(self) -> DispatchingJinjaLoader:
+        return _HardenedTemplates(self)
+
+
+def create_dashboard_app(redis_url: str) -> Flask:
+    """rq-dashboard as a Flask app, reading our Redis with RQ's JSONSerializer."""
+    # base.html links the app's own "static" endpoint (the favicon): serve
+    # rq-dashboard's static folder under both names.
+    static = Path(rq_dashboard.__file__).parent / "static"
+    app = _DashboardFlask(__name__, static_folder=str(static))
+    app.config.from_object(rq_dashboard.default_settings)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = redis_url
+    # A module global in rq-dashboard 0.9, not a Flask setting: every dashboard in
+    # this process reads jobs the way our workers write them.
+    rq_dashboard.web.config.serializer = JSONSerializer
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="")
+    rq_dashboard.web.setup_rq_connection(app)
+
+    @app.before_request
+    def refuse_state_change_by_get() -> Response | None:
+        # "Requeue all" answers GET as well as POST, so that an <img> on any page
+        # could requeue every failed job with the admin's cached credentials. The
+        # dashboard's own buttons POST.
+        rule = request.url_rule
+        if (
+            request.method in ("GET", "HEAD")
+            and rule
+            and "POST" in (rule.methods or ())
+        ):
+            body = app.json.dumps({"detail": "this action needs POST"})
+            return Response(body, 405, {"Allow": "POST"}, mimetype="application/json")
+        return None
+
+    return app
+
+
+class DashboardGate:
+    """Pure ASGI, in front of the dashboard: Basic auth on every request, then a
+    same-origin check on anything but GET/HEAD (Basic credentials are cached by
+    the browser and sent along with a forged cross-site POST, like a cookie)."""
+
+    def __init__(self, app: ASGIApp, username: str, password: str) -> None:
+        self.app = app
+        self._username = username.encode()
+        self._password = password.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS:
+                    headers.raw.append((name, value))
+            await send(message)
+
+        if not self.authorized(scope):
+            response = JSONResponse(
+                {"detail": "the dashboard needs a username and password"},
+                status_code=401,
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+            )
+        elif scope["method"] not in ("GET", "HEAD") and not same_origin(scope):
+            response = JSONResponse(
+                {"detail": "cross-site request refused"}, status_code=403
+            )
+        elif not SAFE_PATH.fullmatch(scope["path"]):
+            response = NOT_FOUND
+        else:
+            await self.app(scope, receive, send_secured)
+            return
+        await response(scope, receive, send_secured)
+
+    def authorized(self, scope: Scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True)
+        except ValueError:
+            return False
+        username, colon, password = decoded.partition(b":")
+        # Both compared, always, in constant time: the answer's timing tells
+        # nothing about which part was wrong or how much of it was right.
+        username_ok = secrets.compare_digest(username, self._username)
+        password_ok = secrets.compare_digest(password, self._password)
+        return bool(colon) & username_ok & password_ok
+
+
+def same_origin(scope: Scope) -> bool:
+    """Does the Origin (else the Referer) name the host the request was sent to?
+
+    Neither header: not a browser, or one that hides both; nothing to compare.
+    """
+    headers = Headers(scope=scope)
+    source = headers.get("origin") or headers.get("referer")
+    if source is None:
+        return True
+    origin = urlsplit(source)
+    if origin.scheme not in ("http", "https") or not origin.netloc:
+        return False  # "null" (sandboxed frame, privacy redirect) or junk
+    host = urlsplit(f"//{headers.get('host', '')}")
+    try:
+        return (origin.hostname, _port(origin.scheme, origin.port)) == (
+            host.hostname,
+            _port(origin.scheme, host.port),
+        )
+    except ValueError:  # a port that is not a number
+        return False
+
+
+def _port(scheme: str, port: int | None) -> int:
+    return port or (443 if scheme == "https" else 80)
+
+
+async def _to_slash(scope: Scope, receive: Receive, send: Send) -> None:
+    response = RedirectResponse(scope["path"] + "/")
+    await response(scope, receive, send)
+
+
+def mount_dashboard(app: FastAPI, settings: Settings) -> None:
+    """Serve rq-dashboard at /dashboard if a password is set; 404 there if not."""
+    if not settings.dashboard_password:
+        log.info(
+            "dashboard off: set TASKMAN_DASHBOARD_PASSWORD (user "
+            "TASKMAN_DASHBOARD_USERNAME, default admin) to serve it at %s",
+            PREFIX,
+        )
+        bare: ASGIApp = NOT_FOUND
+        mounted: ASGIApp = NOT_FOUND
+    else:
+        if not settings.redis_url:
+            raise ValueError("the dashboard reads Redis: set TASKMAN_REDIS_URL")
+        user, password = settings.dashboard_username, settings.dashboard_password
+        flask_app: Any = create_dashboard_app(settings.redis_url)
+        # a2wsgi declares its own ASGI/WSGI types; they mean the same as starlette's.
+        dashboard = cast(ASGIApp, WSGIMiddleware(flask_app))
+        bare = DashboardGate(_to_slash, user, password)
+        mounted = DashboardGate(dashboard, user, password)
+    # The mount serves /dashboard/...; /dashboard itself would otherwise get the
+    # router's redirect before any auth.
+    app.router.routes.append(Route(PREFIX, bare, include_in_schema=False))
+    app.mount(PREFIX, mounted, name="dashboard")

@@ -1,0 +1,51 @@
+"""Phase 3: the HTTP side of the result cache: ``X-Cache``, ``ETag`` and ``304``.
+
+A polling client that sends back the ETag it got answers itself "nothing changed"
+with a 304 and no body. Pure ASGI: it buffers only task responses, which are small.
+"""
+
+import hashlib
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from phase3_production.backend import cache_outcome
+
+
+class HTTPCache:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/tasks/"):
+            return await self.app(scope, receive, send)
+        if_none_match = Headers(scope=scope).get("if-none-match")
+        start: Message | None = None
+        cache_outcome.set(None)
+
+        async def send_with_etag(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message  # wait for the body: the ETag is its digest
+                return
+            assert start is not None
+            if start["status"] != 200 or message.get("more_body"):
+                await send(start)
+                await send(message)
+                return
+            body = message.get("body", b"")
+            etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+            headers = MutableHeaders(scope=start)
+            headers["ETag"] = etag
+            if outcome := cache_outcome.get():
+                headers["X-Cache"] = outcome
+            if scope["method"] == "GET" and if_none_match in (etag, f"W/{etag}"):
+                del headers["content-length"]
+                del headers["content-type"]
+                await send({**start, "status": 304})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await send(start)
+            await send(message)
+
+        await self.app(scope, receive, send_with_etag)

@@ -1,0 +1,361 @@
+"""Per-client rate limits on the task routes, counted in Redis so that every API
+process shares them; 429 + Retry-After past the limit, RateLimit headers always.
+"""
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import limits
+from limits import RateLimitItem
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    RateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
+from limits.errors import StorageError
+from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.settings import Settings
+
+log = logging.getLogger("taskman")
+
+Kind = Literal["submit", "read"]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+STRATEGIES: dict[str, type[RateLimiter]] = {
+    "moving-window": MovingWindowRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+}
+
+# What a Redis that is down, slow or restarting looks like from here.
+STORAGE_ERRORS = (StorageError, RedisError, OSError, TimeoutError)
+
+# After Redis failed, do not ask it again for this long: with Redis gone, every
+# request would otherwise pay a connect attempt (or a timeout) first.
+REDIS_BACKOFF_SECONDS = 1.0
+# A rate limiter that waits for Redis longer than this slows down every request.
+REDIS_TIMEOUT_SECONDS = 0.5
+
+
+def storage_uri(redis_url: str) -> str:
+    """Our redis:// URL as limits' async storage URI (user, password, db kept)."""
+    scheme, separator, rest = redis_url.partition("://")
+    schemes = {
+        "redis": "async+redis",
+        "rediss": "async+rediss",
+        "unix": "async+redis+unix",
+    }
+    if not separator or scheme not in schemes:
+        raise ValueError(f"not a redis://, rediss:// or unix:// URL: {scheme}://...")
+    return f"{schemes[scheme]}://{rest}"
+
+
+def parse_limits(text: str) -> list[RateLimitItem]:
+    """``"20/second;600/minute"`` as limits items; empty means no limit."""
+    return limits.parse_many(text) if text.strip() else []
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One limit of a kind of request, named for the RateLimit headers."""
+
+    name: str
+    item: RateLimitItem
+
+    @property
+    def window(self) -> int:
+        return self.item.get_expiry()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    policy: Policy  # the one to report: the refusing one, else the tightest
+    remaining: int
+    reset_at: float  # epoch seconds
+
+    def reset_in(self) -> int:
+        # Whole seconds, rounded up and at least 1: a client that waits that long
+        # finds room again.
+        return max(1, math.ceil(self.reset_at - time.time()))
+
+
+class RateLimit:
+    """Pure ASGI middleware: ``app.add_middleware(RateLimit, settings=settings)``.
+
+    POST /tasks counts against ``rate_limit_submit``; GET/DELETE /tasks/... against
+    ``rate_limit_read``; every other path (/health, /metrics, /docs, /openapi.json,
+    /dashboard) is not limited. It closes its Redis connections when the app's
+    lifespan ends (or call :meth:`aclose`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        *,
+        key_prefix: str = "taskman:ratelimit",
+        on_limited: Callable[[str], None] | None = None,
+        warn_every: float = 60.0,
+    ) -> None:
+        if not settings.redis_url:
+            raise ValueError("rate limiting needs Redis: set TASKMAN_REDIS_URL")
+        self.app = app
+        self.fail_closed = settings.rate_limit_fail_mode == "closed"
+        self.on_limited = on_limited
+        self.warn_every = warn_every
+        self.trusted: list[IPNetwork] = [
+            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+        ]
+        self.policies: dict[Kind, list[Policy]] = {
+            "submit": _policies("submit", parse_limits(settings.rate_limit_submit)),
+            "read": _policies("read", parse_limits(settings.rate_limit_read)),
+        }
+        # Our own pool rather than limits' default client: redis-py retries a
+        # refused connection 3 times with up to 10 s of backoff, and a rate limiter
+        # must fail fast. One quick retry survives a connection that went stale
+        # when Redis restarted.
+        self._pool = ConnectionPool.from_url(
+            settings.redis_url,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 1),
+        )
+        options: dict[str, Any] = {"connection_pool": self._pool}
+        storage = RedisStorage(
+            storage_uri(settings.redis_url),
+            wrap_exceptions=True,
+            implementation="redispy",
+            key_prefix=key_prefix,
+            **options,
+        )
+        self.limiter = STRATEGIES[settings.rate_limit_strategy](storage)
+        self._down_until = 0.0
+        self._last_warning = -math.inf
+        self._unwarned_failures = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._closing_on_shutdown(send))
+            return
+        kind = _kind(scope) if scope["type"] == "http" else None
+        policies = self.policies[kind] if kind else []
+        if kind is None or not policies:
+            await self.app(scope, receive, send)
+            return
+        try:
+            verdict = await self.check(kind, policies, self.client_key(scope))
+        except STORAGE_ERRORS as error:
+            self._down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            self._warn(error)
+            if self.fail_closed:
+                await _json(
+                    scope,
+                    receive,
+                    send,
+                    503,
+                    "rate limiter unavailable; try again shortly",
+                    [("Retry-After", "1")],
+                )
+                return
+            await self.app(scope, receive, send)
+            return
+        headers = self.headers(policies, verdict)
+        if not verdict.allowed:
+            if self.on_limited is not None:
+                self.on_limited(kind)
+            detail = f"rate limit exceeded: {verdict.policy.item}"
+            retry_after = ("Retry-After", str(verdict.reset_in()))
+            await _json(scope, receive, send, 429, detail, [*headers, retry_after])
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                for name, value in headers:
+                    response_headers.append(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def check(
+        self, kind: Kind, policies: Sequence[Policy], client: str
+    ) -> Verdict:
+        """Count one request of ``client`` against every policy of ``kind``."""
+        if time.monotonic() < self._down_until:
+            raise StorageError(ConnectionError("it failed less than a second ago"))
+        # Shortest window first, stopping at the first refusal: a request refused
+        # by the per-second limit then costs nothing of the per-minute one. Each hit
+        # is one atomic Lua script, so concurrent requests cannot overshoot.
+        for policy in policies:
+            if not await self.limiter.hit(policy.item, kind, client):
+                stats = await self.limiter.get_window_stats(policy.item, kind, client)
+                return Verdict(False, policy, 0, stats.reset_time)
+        all_stats = await asyncio.gather(
+            *(self.limiter.get_window_stats(p.item, kind, client) for p in policies)
+        )
+        # Report the most restrictive: the least remaining, then the longest wait.
+        stats, policy = min(
+            zip(all_stats, policies, strict=True),
+            key=lambda pair: (pair[0].remaining, -pair[0].reset_time),
+        )
+        return Verdict(True, policy, max(0, stats.remaining), stats.reset_time)
+
+    def headers(
+        self, policies: Sequence[Policy], verdict: Verdict
+    ) -> list[tuple[str, str]]:
+        """RateLimit fields of draft-ietf-httpapi-ratelimit-headers-08 (structured
+        fields; a quoted policy name with q/w, and r/t for the one reported), plus
+        the legacy X-RateLimit-* trio most clients still read (Reset in epoch
+        seconds, as GitHub and Flask-Limiter send it)."""
+        reset_in = verdict.reset_in()
+        policy = verdict.policy
+        return [
+            (
+                "RateLimit-Policy",
+                ", ".join(
+                    f'"{p.name}";q={p.item.amount};w={p.window}' for p in policies
+                ),
+            ),
+            ("RateLimit", f'"{policy.name}";r={verdict.remaining};t={reset_in}'),
+            ("X-RateLimit-Limit", str(policy.item.amount)),
+            ("X-RateLimit-Remaining", str(verdict.remaining)),
+            ("X-RateLimit-Reset", str(math.ceil(verdict.reset_at))),
+        ]
+
+    def client_key(self, scope: Scope) -> str:
+        """Who is asking: the peer, or what our trusted proxies say the peer was."""
+        peer = (scope.get("client") or ("",))[0]
+        address = _parse_ip(peer)
+        if address is None or not self._is_trusted(address):
+            return _key(address, peer)
+        # Each proxy appends the address it got the request from, so the right-most
+        # entry that is not one of ours is the client. Whatever is left of it came
+        # from the client itself and may be made up.
+        forwarded = [
+            entry.strip()
+            for name, value in scope["headers"]
+            if name == b"x-forwarded-for"
+            for entry in value.decode("latin-1").split(",")
+            if entry.strip()
+        ]
+        for entry in reversed(forwarded):
+            hop = _parse_ip(entry)
+            if hop is None or not self._is_trusted(hop):
+                return _key(hop, entry)
+        if forwarded:  # every hop is ours: the first one is as close as we get
+            return _key(_parse_ip(forwarded[0]), forwarded[0])
+        return _key(address, peer)
+
+    def _is_trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.trusted)
+
+    def _warn(self, error: BaseException) -> None:
+        # One line per warn_every seconds, not one per request: Redis being down
+        # during a burst would otherwise flood the log.
+        self._unwarned_failures += 1
+        now = time.monotonic()
+        if now - self._last_warning < self.warn_every:
+            return
+        log.warning(
+            "rate limiting is off: Redis is unreachable (%s); %s requests "
+            "(fail-%s; %d request(s) since the last warning)",
+            error,
+            "refusing" if self.fail_closed else "letting through",
+            "closed" if self.fail_closed else "open",
+            self._unwarned_failures,
+        )
+        self._last_warning = now
+        self._unwarned_failures = 0
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        async def closing_send(message: Message) -> None:
+            if message["type"] in (
+                "lifespan.shutdown.complete",
+                "lifespan.shutdown.failed",
+            ):
+                await self.aclose()
+            await send(message)
+
+        return closing_send
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (they belong to the running event loop)."""
+        await self._pool.aclose()
+
+
+def _policies(kind: Kind, items: list[RateLimitItem]) -> list[Policy]:
+    items = sorted(items, key=lambda item: item.get_expiry())
+    names = [f"{kind}-{item.get_expiry()}s" for item in items]
+    # Two limits over the same window would share a name; the draft wants each
+    # policy named once.
+    return [
+        Policy(name if names.count(name) == 1 else f"{name}-{i}", item)
+        for i, (name, item) in enumerate(zip(names, items, strict=True))
+    ]
+
+
+def _kind(scope: Scope) -> Kind | None:
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path.rstrip("/") == "/tasks" and scope["method"] == "POST":
+        return "submit"
+    if path == "/tasks" or path.startswith("/tasks/"):
+        return "read"
+    return None
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    text = text.strip()
+    if text.startswith("["):  # "[2001:db8::1]:443", as some proxies write it
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # "203.0.113.5:4711"
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _key(address: IPAddress | None, raw: str) -> str:
+    if address is None:
+        return raw[:64] or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # "::ffff:203.0.113.5" is that IPv4 host
+            return str(address.ipv4_mapped)
+        # One IPv6 host usually holds a whole /64 and can hop between its
+        # addresses at will: count the /64.
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+async def _json(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    detail: str,
+    headers: list[tuple[str, str]],
+) -> None:
+    response = JSONResponse(
+        {"detail": detail}, status_code=status, headers=dict(headers)
+    )
+    await response(scope, receive, send)
