@@ -1,0 +1,172 @@
+"""Phase 3's result cache: finished tasks from Redis, never wrong, one read per
+stampede, ETag and 304."""
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from common.redis_server import EmbeddedRedis
+from common.settings import Settings
+from phase3_production import create_app
+from tests.conftest import submit, wait_for
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        queue_name=f"c{uuid.uuid4().hex[:8]}",  # no session worker takes these
+        retry_backoff=[0],
+        rate_limit_submit="100000/second",
+        rate_limit_read="100000/second",
+        dashboard_password="secret",
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def drain(settings: Settings) -> None:
+    env = {
+        **os.environ,
+        "TASKMAN_REDIS_URL": str(settings.redis_url),
+        "TASKMAN_QUEUE_NAME": settings.queue_name,
+    }
+    subprocess.run(
+        [sys.executable, "-m", "taskman", "worker", "--phase", "3", "--burst"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_a_finished_task_is_served_from_the_cache(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "echo", value="cached")
+    queued = client.get(f"/tasks/{task['id']}")
+    assert queued.headers["x-cache"] == "MISS"  # unfinished: never cached
+    assert not redis.Redis.from_url(str(settings.redis_url)).exists(
+        f"taskman:cache:{task['id']}"
+    )
+    drain(settings)
+    first = client.get(f"/tasks/{task['id']}")
+    second = client.get(f"/tasks/{task['id']}")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert first.json() == second.json()
+    assert second.json()["result"] == "cached"
+
+
+def test_an_unfinished_task_is_never_cached(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "echo", value=1)
+    for _ in range(3):
+        assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "MISS"
+    drain(settings)
+
+
+def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
+    settings = Settings(
+        redis_url=redis_url,
+        queue_name=f"c{uuid.uuid4().hex[:8]}",
+        retention_seconds=5,
+        result_cache_ttl=300,
+    )
+    with TestClient(create_app(settings)) as client:
+        task = submit(client, "echo", value=1)
+        drain(settings)
+        client.get(f"/tasks/{task['id']}")
+    ttl = redis.Redis.from_url(redis_url).ttl(f"taskman:cache:{task['id']}")
+    assert 0 < ttl <= 5
+
+
+def test_a_dashboard_requeue_shows_within_two_seconds(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "fail", message="first", max_retries=0)
+    drain(settings)
+    assert client.get(f"/tasks/{task['id']}").json()["status"] == "failed"
+    assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "HIT"
+    # rq-dashboard's own requeue route writes to Redis behind the API's back.
+    requeue = client.post(f"/dashboard/job/{task['id']}/requeue", headers=AUTH)
+    assert requeue.status_code == 200, requeue.text
+    requeued_at = time.monotonic()
+    while client.get(f"/tasks/{task['id']}").json()["status"] == "failed":
+        assert time.monotonic() - requeued_at < 2, "stale cache after a requeue"
+        time.sleep(0.05)
+    drain(settings)
+
+
+def test_delete_shows_canceled_at_once(client: TestClient, settings: Settings) -> None:
+    task = submit(client, "echo", value=1)
+    client.get(f"/tasks/{task['id']}")
+    assert client.delete(f"/tasks/{task['id']}").json()["status"] == "canceled"
+    assert client.get(f"/tasks/{task['id']}").json()["status"] == "canceled"
+
+
+def test_etag_and_304_let_a_poller_skip_the_body(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "echo", value="body")
+    drain(settings)
+    first = client.get(f"/tasks/{task['id']}")
+    etag = first.headers["etag"]
+    again = client.get(f"/tasks/{task['id']}", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    other = client.get(f"/tasks/{task['id']}", headers={"If-None-Match": '"nope"'})
+    assert other.status_code == 200 and other.json()["result"] == "body"
+
+
+def test_many_pollers_of_a_just_finished_task_cause_one_backend_read(
+    tmp_path: Path,
+) -> None:
+    with EmbeddedRedis(tmp_path / "redis") as url:
+        settings = Settings(
+            redis_url=url,
+            retry_backoff=[0],
+            rate_limit_submit="100000/second",
+            rate_limit_read="100000/second",
+        )
+        app = create_app(settings)
+        with TestClient(app) as client:
+            task = submit(client, "echo", value="hot")
+        drain(settings)
+        server = redis.Redis.from_url(url)
+        server.config_resetstat()
+
+        async def poll_together() -> list[httpx.Response]:
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(
+                    transport=transport, base_url="http://test"
+                ) as api:
+                    return await asyncio.gather(
+                        *(api.get(f"/tasks/{task['id']}") for _ in range(50))
+                    )
+
+        responses = asyncio.run(poll_together())
+        assert {r.json()["status"] for r in responses} == {"succeeded"}
+        assert sum(r.headers["x-cache"] == "MISS" for r in responses) >= 1
+        # RQBackend.get is one HGETALL of the job's hash: it ran once for 50 GETs.
+        stats = server.info("commandstats")
+        assert stats["cmdstat_hgetall"]["calls"] == 1, stats.get("cmdstat_hgetall")
