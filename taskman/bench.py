@@ -279,8 +279,11 @@ def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float
         ]
     )
     # Both quiet: a log line per job costs as much as a Redis round trip.
-    env = {"TASKMAN_REDIS_URL": redis_url, "TASKMAN_QUEUE_NAME": name,
-           "TASKMAN_LOG_LEVEL": "WARNING"}
+    env = {
+        "TASKMAN_REDIS_URL": redis_url,
+        "TASKMAN_QUEUE_NAME": name,
+        "TASKMAN_LOG_LEVEL": "WARNING",
+    }
     burst = [_worker(env, burst=True, stock=stock) for _ in range(processes)]
     for process in burst:
         process.wait(timeout=600)

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase3_production import create_app
-from tests.conftest import submit, wait_for
+from tests.conftest import submit
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
 
