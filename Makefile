@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both set up .venv first.
-PHASE ?= 2
+PHASE ?= 3
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

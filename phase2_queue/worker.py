@@ -168,8 +168,16 @@ def task_queue(settings: Settings, connection: redis.Redis) -> Queue:
     )
 
 
+class _QuietCleanups(logging.Filter):
+    """RQ logs each registry clean-up at INFO; ours run every few seconds."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cleaning registries" not in record.getMessage()
+
+
 def run_worker(settings: Settings, burst: bool = False) -> None:
     """Work until stopped; start over if Redis goes away (RQ's loop would quit)."""
+    logging.getLogger("rq.worker").addFilter(_QuietCleanups())
     while True:
         connection = connect(settings)
         worker = TaskWorker(

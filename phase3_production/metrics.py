@@ -21,7 +21,9 @@ from common.tasks import TASKS
 
 log = logging.getLogger("taskman")
 
-TaskEvent = Literal["submitted", "succeeded", "failed", "retried", "canceled"]
+# Seen by the API itself. Succeeded, failed and retried happen in the workers:
+# see taskman_task_outcomes (_Outcomes below).
+TaskEvent = Literal["submitted", "canceled"]
 
 # Label values come from a fixed set: a client making up methods or paths must not
 # be able to make up new time series.
@@ -50,7 +52,7 @@ class Metrics:
         )
         self.tasks = Counter(
             "taskman_tasks",
-            "Task events seen by this API process, by event and task type",
+            "Tasks submitted and canceled through this API process, by task type",
             ("event", "type"),
             registry=self.registry,
         )
