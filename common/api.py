@@ -65,7 +65,10 @@ def task_response(
 async def create_task(
     body: TaskCreate,
     backend: Backend,
-    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+    # Printable ASCII: HTTP headers arrive as Latin-1, anything else is garbled.
+    idempotency_key: Annotated[
+        str | None, Header(max_length=128, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
 ) -> Response:
     """Queue a task; answers at once, before it runs."""
     task, created = await backend.submit(body, idempotency_key)

@@ -1,6 +1,7 @@
 """The wire format of CONTRACT.md: what a client sends and what it gets back."""
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -39,9 +40,18 @@ class TaskCreate(BaseModel):
         if task_type is None:
             raise PydanticCustomError(
                 "unknown_task_type",
-                "unknown task type '{type}'; known types: {known}",
-                {"type": self.type[:64], "known": ", ".join(TASKS)},
+                "unknown task type {type}; known types: {known}",
+                # ascii(): a lone surrogate in the name must not break the message.
+                {"type": ascii(self.type[:64]), "known": ", ".join(TASKS)},
             )
+        try:
+            # JSON may smuggle in lone surrogates ("\ud800"): text no worker could
+            # encode, store or hash. Refuse it here, once, for every type.
+            json.dumps(self.payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise PydanticCustomError(
+                "invalid_text", "payload holds text that is not valid Unicode"
+            ) from None
         try:
             model = task_type.payload.model_validate(self.payload)
         except ValidationError as error:

@@ -197,6 +197,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
             )
         except redis.RedisError as error:
             log.warning("worker lost Redis (%s); starting over", error)
-        if burst or worker._stop_requested:
+        # A warm shutdown (SIGTERM) of an idle worker sets only this date.
+        if burst or worker._shutdown_requested_date is not None:
             return
         time.sleep(1)
