@@ -348,3 +348,14 @@ def test_two_api_processes_share_one_limit(two_api_processes: list[str]) -> None
     with ThreadPoolExecutor(20) as pool:
         statuses = [s for trio in pool.map(three_requests, range(20)) for s in trio]
     assert Counter(statuses) == {404: 30, 429: 30}
+
+
+def test_a_redis_that_forgot_its_scripts_still_limits_exactly(redis_url: str) -> None:
+    # The one-round-trip path calls limits' scripts by hash; after a Redis restart
+    # they are gone (NOSCRIPT) and the request takes the path that reloads them.
+    app = limited_app(redis_url, rate_limit_read="3/minute")
+    with TestClient(app) as client:
+        assert client.get(UNKNOWN_TASK).status_code == 404
+        redis.Redis.from_url(redis_url).script_flush()
+        statuses = [client.get(UNKNOWN_TASK).status_code for _ in range(3)]
+    assert statuses == [404, 404, 429]
