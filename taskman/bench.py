@@ -2,6 +2,7 @@
 baselines run in that same run, so each figure is a ratio that holds on any machine.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -23,13 +24,20 @@ from typing import Any
 import httpx
 import redis
 from rich.console import Console
+from rich.progress import Progress
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from common.redis_server import EmbeddedRedis, free_port
 
 console = Console(stderr=True)
-PHASE_MODULES = {1: "phase1_inprocess", 2: "phase2_queue"}
+PHASE_MODULES = {1: "phase1_inprocess", 2: "phase2_queue", 3: "phase3_production"}
+# Phase 3 is measured with limits no load generator reaches: the bench measures the
+# cost of checking a limit, not of being refused.
+UNLIMITED = {
+    "TASKMAN_RATE_LIMIT_SUBMIT": "1000000/second",
+    "TASKMAN_RATE_LIMIT_READ": "1000000/second",
+}
 ECHO = {"type": "echo", "payload": {"value": 1}}
 
 
@@ -41,10 +49,11 @@ class Load:
     tool: str
 
 
-@contextmanager
-def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def start_api(
+    module: str, env: dict[str, str] | None = None, port: int | None = None
+) -> tuple["subprocess.Popen[bytes]", str]:
     """``uvicorn --factory module:create_app``, the same settings for every app."""
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -60,18 +69,29 @@ def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
             "--no-proxy-headers",
         ],
         env={**os.environ, **(env or {})},
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/health", process)
+    return process, url
+
+
+def stop(process: "subprocess.Popen[bytes]", kill: bool = False) -> None:
+    process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
     try:
-        _wait(f"{url}/health", process)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    process, url = start_api(module, env)
+    try:
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @contextmanager
@@ -303,20 +323,34 @@ def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float
 def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         "seconds": seconds,
     }
-    with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data)) as redis_url:
-        console.log("baseline: bare FastAPI")
+    queue_phases = [p for p in phases if p >= 2]
+    steps = 1 + len(phases) * 2 + (1 if queue_phases else 0) + (1 if 1 in phases else 0)
+    with (
+        Progress(*Progress.get_default_columns(), console=console) as progress,
+        tempfile.TemporaryDirectory() as data,
+        EmbeddedRedis(Path(data)) as redis_url,
+    ):
+        bar = progress.add_task("bench", total=steps)
+
+        def step(text: str) -> None:
+            progress.update(bar, description=text)
+
+        step("bare FastAPI (baseline)")
         with service("taskman.baseline") as url:
             results["baseline_post"] = asdict(load(f"{url}/tasks", seconds, body=ECHO))
             results["baseline_get"] = asdict(load(f"{url}/tasks/{'0' * 32}", seconds))
+        progress.advance(bar)
         for phase in phases:
-            console.log(f"phase {phase}: POST, GET, echo latency")
+            step(f"phase {phase}: POST, GET, echo latency")
             env = {
                 "TASKMAN_REDIS_URL": redis_url,
                 "TASKMAN_MAX_QUEUED": "1000000",
                 "TASKMAN_QUEUE_NAME": f"bench-phase{phase}",
+                **UNLIMITED,
             }
             with service(PHASE_MODULES[phase], env) as url:
                 post = load(f"{url}/tasks", seconds, body=ECHO)
@@ -334,8 +368,12 @@ def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str
                 "echo_p50_ms": echo[0],
                 "echo_p99_ms": echo[1],
             }
-        if any(phase >= 2 for phase in phases):
-            console.log("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
+            progress.advance(bar)
+            step(f"phase {phase}: durability (kill -9 mid-run)")
+            results[f"phase{phase}"]["durability"] = durability(phase, Path(data))
+            progress.advance(bar)
+        if queue_phases:
+            step("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
             results["workers"] = {
                 f"{kind}_{n}": round(
                     worker_rate(redis_url, jobs, n, kind == "stock"), 1
@@ -343,14 +381,63 @@ def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str
                 for kind in ("stock", "taskman")
                 for n in (1, 2)
             }
+            progress.advance(bar)
         if 1 in phases:
-            console.log("phase 1: /health while the pool is busy")
+            step("phase 1: /health while the pool is busy")
             results["loop"] = loop_figures(seconds)
+            progress.advance(bar)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{results['date'][:19].replace(':', '')}.json"
     path.write_text(json.dumps(results, indent=2))
     results["json"] = str(path)
     return results
+
+
+def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
+    """Submit ``count`` short tasks, SIGKILL the API (and a worker) mid-run,
+    start them again, and count the tasks that got a 202 but are gone."""
+    env = {
+        "TASKMAN_IO_CONCURRENCY": "4",
+        "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
+        "TASKMAN_RETRY_BACKOFF": "0",
+        **UNLIMITED,
+    }
+    body = {"type": "sleep", "payload": {"seconds": 0.02}}
+    with contextlib.ExitStack() as stack:
+        if phase >= 2:
+            store = EmbeddedRedis(data / f"durability{phase}")
+            env["TASKMAN_REDIS_URL"] = stack.enter_context(store)
+            env["TASKMAN_QUEUE_NAME"] = "durability"
+        api, url = start_api(PHASE_MODULES[phase], env)
+        port = int(url.rsplit(":", 1)[1])
+        worker = _worker(env) if phase >= 2 else None
+        with httpx.Client(base_url=url, timeout=10) as client:
+            ids = [client.post("/tasks", json=body).json()["id"] for _ in range(count)]
+        time.sleep(0.2)  # some ran, most wait
+        stop(api, kill=True)
+        if worker is not None:
+            stop(worker, kill=True)
+            time.sleep(1.1)  # what got a 202 is fsynced to the AOF within a second
+        api, url = start_api(PHASE_MODULES[phase], env, port=port)
+        stack.callback(stop, api)
+        if phase >= 2:
+            stack.enter_context(workers(1, env))
+        lost = 0
+        with httpx.Client(base_url=url, timeout=10) as client:
+            deadline = time.monotonic() + 60
+            for task_id in ids:
+                while True:
+                    response = client.get(f"/tasks/{task_id}")
+                    if response.status_code == 404:
+                        lost += 1
+                        break
+                    if response.json()["status"] in ("succeeded", "failed", "canceled"):
+                        break
+                    if time.monotonic() > deadline:
+                        lost += 1  # stuck counts as lost
+                        break
+                    time.sleep(0.02)
+    return {"submitted": count, "lost": lost}
 
 
 def loop_figures(seconds: float) -> dict[str, Any]:
@@ -400,6 +487,25 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | "
                 f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
             )
+    durable = [
+        k for k in ("phase1", "phase2", "phase3") if "durability" in results.get(k, {})
+    ]
+    if durable:
+        lines += [
+            "",
+            "| kill -9 mid-run, then restart | tasks accepted | lost |",
+            "|---|---|---|",
+        ]
+        for key in durable:
+            d = results[key]["durability"]
+            lines.append(f"| {key} | {d['submitted']} | {d['lost']} |")
+    if "phase2" in results and "phase3" in results:
+        p2, p3 = results["phase2"], results["phase3"]
+        lines += [
+            "",
+            f"Phase 3 vs phase 2: POST {ratio(p3['post']['rps'], p2['post']['rps'])}, "
+            f"GET {ratio(p3['get']['rps'], p2['get']['rps'])} (phase 3 GET is served by its cache).",
+        ]
     if "workers" in results:
         w = results["workers"]
         lines += [

@@ -175,13 +175,16 @@ def _answer(response: httpx.Response) -> Any:
 
 @app.command()
 def bench(
-    phases: Annotated[str, typer.Option(help="Comma-separated phases.")] = "1,2",
+    phases: Annotated[str, typer.Option(help="Comma-separated phases.")] = "1,2,3",
     seconds: Annotated[float, typer.Option(help="Seconds of load per figure.")] = 5,
     jobs: Annotated[int, typer.Option(help="Jobs per worker figure.")] = 2000,
     quick: Annotated[bool, typer.Option(help="Short run (under a minute).")] = False,
     out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path(
         "bench-results"
     ),
+    charts: Annotated[
+        Path | None, typer.Option(help="Where PNG charts go (e.g. docs/img).")
+    ] = None,
 ) -> None:
     """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
     from taskman.bench import run, table
@@ -194,3 +197,8 @@ def bench(
     results = run(chosen, seconds, jobs, out)
     print(table(results))
     console.print(f"[dim]JSON: {results['json']}[/dim]")
+    if charts is not None:
+        from taskman.charts import draw
+
+        for path in draw(results, charts):
+            console.print(f"[dim]chart: {path}[/dim]")
