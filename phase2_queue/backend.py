@@ -257,13 +257,21 @@ def _task(job: TaskJob, latest: Result | None) -> Task:
 
 def _short_error(exc_string: str, job: TaskJob) -> str:
     """The exception line of RQ's traceback ("RuntimeError: boom"), never the rest."""
-    if "AbandonedJobError" in exc_string:
-        return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
     lines = [line for line in exc_string.splitlines() if line.strip()]
-    # It is the first unindented line after the last (indented) frame line.
-    frames = [i for i, line in enumerate(lines) if line.startswith(" ")]
-    first = frames[-1] + 1 if frames and frames[-1] + 1 < len(lines) else len(lines) - 1
-    return lines[first][:500] if lines else "error"
+    # Read as Python writes it: a header, the frames (indented), the exception's
+    # line. The rest of a multi-line message follows and may look like anything,
+    # frames included; a chained exception starts with a header of its own.
+    found, in_frames = None, False
+    for line in lines:
+        if line == "Traceback (most recent call last):":
+            in_frames = True
+        elif in_frames and not line[0].isspace():
+            found, in_frames = line, False
+    if found is None:  # not a traceback: a note of RQ's own
+        if "AbandonedJobError" in exc_string:
+            return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
+        found = lines[-1] if lines else "error"
+    return found[:500]
 
 
 def _text(value: object) -> object:

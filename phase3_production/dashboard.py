@@ -4,10 +4,11 @@ Off unless TASKMAN_DASHBOARD_PASSWORD is set.
 """
 
 import base64
+import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ from flask import Flask, Response, request
 from flask.json.provider import DefaultJSONProvider
 from flask.templating import DispatchingJinjaLoader
 from jinja2 import Environment
+from rq import Queue, Worker, requeue_job
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse, RedirectResponse
@@ -110,6 +113,33 @@ class _DashboardFlask(Flask):
         return _HardenedTemplates(self)
 
 
+def _json_by_default(cls: Any) -> Any:
+    """An RQ class (Job, Queue, Worker) whose serializer is JSON unless given."""
+
+    class JSONByDefault(cls):  # type: ignore[misc]
+        def __init__(self, *args: Any, serializer: Any = None, **kwargs: Any) -> None:
+            super().__init__(*args, serializer=serializer or JSONSerializer, **kwargs)
+
+    JSONByDefault.__name__ = JSONByDefault.__qualname__ = cls.__name__
+    return JSONByDefault
+
+
+def redacted_redis_urls(urls: str | Sequence[str]) -> list[str]:
+    """Each Redis URL as scheme, host, port and database: no user, password or
+    options."""
+    redacted = []
+    for url in [urls] if isinstance(urls, str) else urls:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # not a number: not ours to show
+            port = ""
+        redacted.append(f"{parts.scheme}://{host}{port}{parts.path}")
+    return redacted
+
+
 def create_dashboard_app(redis_url: str) -> Flask:
     """rq-dashboard as a Flask app, reading our Redis with RQ's JSONSerializer."""
     # base.html links the app's own "static" endpoint (the favicon): serve
@@ -118,9 +148,18 @@ def create_dashboard_app(redis_url: str) -> Flask:
     app = _DashboardFlask(__name__, static_folder=str(static))
     app.config.from_object(rq_dashboard.default_settings)
     app.config["RQ_DASHBOARD_REDIS_URL"] = redis_url
-    # A module global in rq-dashboard 0.9, not a Flask setting: every dashboard in
+    # Module globals in rq-dashboard 0.9, not Flask settings: every dashboard in
     # this process reads jobs the way our workers write them.
-    rq_dashboard.web.config.serializer = JSONSerializer
+    web: Any = rq_dashboard.web
+    web.config.serializer = JSONSerializer
+    # Not every view passes that on: the job page, delete, requeue and the workers
+    # list use RQ's default, pickle, and unpickling what is in Redis runs any code
+    # written there. So the classes and the helper they use default to JSON.
+    web.Job, web.Queue, web.Worker = map(_json_by_default, (Job, Queue, Worker))
+    web.requeue_job = functools.partial(requeue_job, serializer=JSONSerializer)
+    # Its list of Redis instances hides the URL's password, not its query string
+    # (where redis-py reads one too): show where Redis is, nothing more.
+    web.escape_format_instance_list = redacted_redis_urls
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="")
     rq_dashboard.web.setup_rq_connection(app)
 
