@@ -7,13 +7,17 @@ queue survives a restart of Redis itself.
 """
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from common.process import die_with_parent
 
 
 def redis_binary() -> str:
@@ -42,16 +46,29 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """``with EmbeddedRedis(data_dir) as url: ...`` runs redis-server on a free port."""
+    """``with EmbeddedRedis(data_dir) as url: ...`` runs redis-server on a free port.
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    ``extra_args`` go to redis-server after ours (a later option wins), e.g.
+    ``["--requirepass", "pw"]`` or TLS options; ``url`` is then how to reach it
+    (with credentials, ``rediss://``...), and what readiness is checked with.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        url: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self._url = url
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._url or f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,11 +92,14 @@ class EmbeddedRedis:
                 "noeviction",
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Not in our process group: Ctrl-C stops us first, then we stop Redis.
             start_new_session=True,
+            # And if we die without stopping it, it stops (SIGTERM: it fsyncs).
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
         self._wait_until_ready()
         return self.url

@@ -15,12 +15,12 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from common.context import task_context
+from common.process import die_with_parent
 from common.tasks import TASKS
 
 # One byte per pool slot in shared memory: the parent sets it to cancel the task
 # running in that slot, the child reads it at each checkpoint(). No IPC round trip.
 _cancel_flags: Any = None
-_PR_SET_PDEATHSIG = 1
 
 
 def _init_child(cancel_flags: Any) -> None:
@@ -31,11 +31,7 @@ def _init_child(cancel_flags: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Die with the parent, even if it is SIGKILLed: no orphan keeps computing.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: shutdown() still reaps us
-        pass
+    die_with_parent()
 
 
 def _run_in_child(
