@@ -20,6 +20,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A narrated live tour of the phases, e.g. `make demo DEMO_ARGS="--phase 2 --pause"`.
+.PHONY: demo
+demo: setup
+	$(BIN)/taskman demo $(DEMO_ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

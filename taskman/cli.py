@@ -202,3 +202,21 @@ def bench(
 
         for path in draw(results, charts):
             console.print(f"[dim]chart: {path}[/dim]")
+
+
+@app.command()
+def demo(
+    phase: Annotated[
+        int | None, typer.Option(min=1, max=3, help="Run this phase's steps only.")
+    ] = None,
+    pause: Annotated[
+        bool, typer.Option(help="Wait for Enter between steps (on a terminal).")
+    ] = False,
+    fast: Annotated[
+        bool, typer.Option(help="Short tasks and waits (for the tests).")
+    ] = False,
+) -> None:
+    """A narrated live tour of the phases: real servers, workers, kills and requests."""
+    from taskman.demo import run
+
+    raise typer.Exit(run([phase] if phase else list(PHASES), pause=pause, fast=fast))
