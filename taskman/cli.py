@@ -205,6 +205,44 @@ def bench(
 
 
 @app.command()
+def chaos(
+    tasks: Annotated[
+        int, typer.Option("--tasks", "-n", help="Tasks to submit.")
+    ] = 10_000,
+    kills: Annotated[int, typer.Option(help="Worker SIGKILLs during the run.")] = 20,
+    workers: Annotated[int, typer.Option(min=2, help="Worker processes.")] = 3,
+    redis_grace: Annotated[
+        float,
+        typer.Option(help="Seconds between the last submission and the Redis kill."),
+    ] = 1.5,
+    seed: Annotated[int | None, typer.Option(help="Seed of the task mix.")] = None,
+    settle: Annotated[
+        float, typer.Option(help="Seconds after the last kill before 'stuck'.")
+    ] = 120,
+    keep: Annotated[bool, typer.Option(help="Keep the logs and ledger.")] = False,
+) -> None:
+    """Kill workers and Redis under load; check that no accepted task is lost or stuck."""
+    from taskman.chaos import RECOVERY_TARGET, print_summary, run_chaos
+
+    # SIGTERM as Ctrl-C: stop the API, the workers and Redis on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    result = run_chaos(
+        tasks,
+        kills,
+        workers=workers,
+        seed=seed,
+        redis_grace=redis_grace,
+        settle_timeout=settle,
+        keep=keep,
+        log=lambda line: console.print(f"[dim]{line}[/dim]"),
+    )
+    print_summary(result, console)
+    recovery = result.recovery_seconds
+    if not result.ok or recovery is None or recovery > RECOVERY_TARGET:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     phase: Annotated[
         int | None, typer.Option(min=1, max=3, help="Run this phase's steps only.")

@@ -205,3 +205,32 @@ def test_health_reports_queue_depth_and_workers(queue_settings: Settings) -> Non
         "workers": 0,
     }
     drain(queue_settings)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_delayed_retries_run_after_the_scheduler_worker_stops(
+    queue_settings: Settings, stop: signal.Signals
+) -> None:
+    # Retries with a delay wait in RQ's scheduled registry; one worker's scheduler
+    # moves them to the queue. When that worker goes, another must take over.
+    settings = queue_settings.model_copy(update={"retry_backoff": [1.0]})
+    first = start_worker(settings)
+    time.sleep(1.5)  # the first one takes the scheduler lock
+    second = start_worker(settings)
+    try:
+        connection = redis.Redis.from_url(str(settings.redis_url))
+        lock = f"rq:scheduler-lock:{settings.queue_name}"
+        deadline = time.monotonic() + 10
+        while not connection.exists(lock):
+            assert time.monotonic() < deadline, "no worker took the scheduler lock"
+            time.sleep(0.1)
+        first.send_signal(stop)
+        first.wait(timeout=30)
+        with TestClient(create_app(settings)) as client:
+            task = submit(client, "flaky", fail_times=1, max_retries=2)
+            final = wait_for(client, task["id"], timeout=40)
+        assert (final["status"], final["attempts"]) == ("succeeded", 2), final
+    finally:
+        for worker in (first, second):
+            worker.kill()
+            worker.wait()
