@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from rich.progress import Progress
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from common.process import stop
 from common.redis_server import EmbeddedRedis, free_port
 
 console = Console(stderr=True)
@@ -74,15 +74,6 @@ def start_api(
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", process)
     return process, url
-
-
-def stop(process: "subprocess.Popen[bytes]", kill: bool = False) -> None:
-    process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @contextmanager

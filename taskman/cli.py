@@ -19,6 +19,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from common.process import stop
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 
@@ -117,15 +118,9 @@ class _worker_process:
         return self.process
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            # RQ's warm shutdown: finish the current task. A task still running
-            # after the grace period is killed; its job goes back to the queue.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # RQ's warm shutdown: finish the current task. A task still running after
+        # the grace period is killed; its job goes back to the queue.
+        stop(self.process, timeout=10)
 
 
 def _log_setup() -> None:

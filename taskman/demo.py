@@ -6,7 +6,6 @@ Ctrl-C, SIGTERM or a closed terminal included (a second Ctrl-C stops them at onc
 """
 
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -31,6 +30,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from common.process import alive, descendants, die_with_parent
 from common.redis_server import EmbeddedRedis, free_port
 
 FINISHED = ("succeeded", "failed", "canceled")
@@ -71,29 +71,6 @@ FAST = Pace(0.05, 0.5, 100_000, 1_000_000, "0", 2, 5, 1.5, 0.3)
 # --- the processes the demo starts
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Linux /proc; elsewhere, none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
 def command_line(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -105,8 +82,7 @@ def command_line(pid: int) -> str:
 def _die_with_parent() -> None:
     # Runs in the child before exec. If the demo itself is killed (kill -9), Linux
     # sends the child SIGTERM, and `taskman serve` then stops its own children.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
 
 
 class Processes:
