@@ -22,6 +22,7 @@ from rich.console import Console
 from common.process import stop
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
+from taskman.http import JSONErrorsHttpToolsProtocol
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
@@ -76,6 +77,7 @@ def serve(
             # X-Forwarded-For is believed only from TASKMAN_TRUSTED_PROXIES (phase
             # 3), not from anyone on 127.0.0.1 as uvicorn would by default.
             proxy_headers=False,
+            http=JSONErrorsHttpToolsProtocol,  # 400s in JSON too
             timeout_graceful_shutdown=30,
         )
 

@@ -32,9 +32,9 @@ LIMIT = 65536  # TASKMAN_MAX_BODY_BYTES, the default
 # Some requests are refused by the HTTP server's parser before the app sees them:
 # methods it does not know, bytes past a short Content-Length. httptools (uvicorn's
 # default when installed) answers those with a plain-text 400; h11 hands them to
-# the app, whose errors are JSON. False accepts httptools' plain 400 for these:
-# we keep httptools, as h11 served ~37% fewer requests per second here.
-PARSER_ERRORS_IN_JSON = False
+# the app, whose errors are JSON. `taskman serve` keeps httptools (h11 served ~37%
+# fewer requests per second here) with its 400 answered in JSON (taskman/http.py).
+PARSER_ERRORS_IN_JSON = True
 MAX_RSS_GROWTH = 20 * 2**20
 JSON_TYPE = "application/json"
 BOM = b"\xef\xbb\xbf"
