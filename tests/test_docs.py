@@ -937,7 +937,7 @@ def check_link(page: Path, item: Inline) -> str | None:
         return None  # http:, https:, mailto:
     path, _, anchor = href.partition("#")
     target = (page.parent / unquote(path)).resolve() if path else page
-    if not target.is_relative_to(ROOT):
+    if page.resolve().is_relative_to(ROOT) and not target.is_relative_to(ROOT):
         # Outside the repository (the shared CONTRACT.md the project sits beside):
         # not ours to check, and absent from a plain clone.
         return None
