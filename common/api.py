@@ -42,8 +42,7 @@ async def get_backend(request: Request) -> TaskBackend:
 Backend = Annotated[TaskBackend, Depends(get_backend)]
 
 
-def _not_found(task_id: str) -> HTTPException:
-    return HTTPException(status_code=404, detail="task not found")
+NOT_FOUND = "task not found"
 
 
 def task_response(
@@ -81,7 +80,7 @@ async def read_task(task_id: str, backend: Backend) -> Response:
     """A task's status, and its result once finished."""
     task = await backend.get(task_id) if TASK_ID.fullmatch(task_id) else None
     if task is None:
-        raise _not_found(task_id)
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
     return task_response(task)
 
 
@@ -90,7 +89,7 @@ async def cancel_task(task_id: str, backend: Backend) -> Response:
     """Cancel a queued, retrying or running task."""
     task = await backend.cancel(task_id) if TASK_ID.fullmatch(task_id) else None
     if task is None:
-        raise _not_found(task_id)
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
     return task_response(task)
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -80,7 +79,6 @@ def settings(phase: ModuleType, request: pytest.FixtureRequest) -> Settings:
         "io_concurrency": CAPACITY,
         "cpu_workers": 1,
         "shutdown_timeout": 1,
-        "data_dir": Path(".taskman-test"),
     }
     if phase.__name__ != "phase1_inprocess":
         values["redis_url"] = request.getfixturevalue("redis_url")
