@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -311,15 +311,26 @@ def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float
     return jobs / (max(ends) - min(starts)).total_seconds()
 
 
-def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str, Any]:
+FIGURES = ("http", "durability", "workers", "loop")
+
+
+def run(
+    phases: list[int],
+    seconds: float,
+    jobs: int,
+    out_dir: Path,
+    figures: Sequence[str] = FIGURES,
+) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         "seconds": seconds,
     }
-    queue_phases = [p for p in phases if p >= 2]
-    steps = 1 + len(phases) * 2 + (1 if queue_phases else 0) + (1 if 1 in phases else 0)
+    http, durable = "http" in figures, "durability" in figures
+    measure_workers = "workers" in figures and any(p >= 2 for p in phases)
+    measure_loop = "loop" in figures and 1 in phases
+    steps = http + len(phases) * (http + durable) + measure_workers + measure_loop
     with (
         Progress(*Progress.get_default_columns(), console=console) as progress,
         tempfile.TemporaryDirectory() as data,
@@ -330,12 +341,20 @@ def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str
         def step(text: str) -> None:
             progress.update(bar, description=text)
 
-        step("bare FastAPI (baseline)")
-        with service("taskman.baseline") as url:
-            results["baseline_post"] = asdict(load(f"{url}/tasks", seconds, body=ECHO))
-            results["baseline_get"] = asdict(load(f"{url}/tasks/{'0' * 32}", seconds))
-        progress.advance(bar)
+        if http:
+            step("bare FastAPI (baseline)")
+            with service("taskman.baseline") as url:
+                results["baseline_post"] = asdict(
+                    load(f"{url}/tasks", seconds, body=ECHO)
+                )
+                results["baseline_get"] = asdict(
+                    load(f"{url}/tasks/{'0' * 32}", seconds)
+                )
+            progress.advance(bar)
         for phase in phases:
+            results[f"phase{phase}"] = {}
+            if not http:
+                continue
             step(f"phase {phase}: POST, GET, echo latency")
             env = {
                 "TASKMAN_REDIS_URL": redis_url,
@@ -360,10 +379,11 @@ def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str
                 "echo_p99_ms": echo[1],
             }
             progress.advance(bar)
+        for phase in phases if durable else []:
             step(f"phase {phase}: durability (kill -9 mid-run)")
             results[f"phase{phase}"]["durability"] = durability(phase, Path(data))
             progress.advance(bar)
-        if queue_phases:
+        if measure_workers:
             step("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
             results["workers"] = {
                 f"{kind}_{n}": round(
@@ -373,7 +393,7 @@ def run(phases: list[int], seconds: float, jobs: int, out_dir: Path) -> dict[str
                 for n in (1, 2)
             }
             progress.advance(bar)
-        if 1 in phases:
+        if measure_loop:
             step("phase 1: /health while the pool is busy")
             results["loop"] = loop_figures(seconds)
             progress.advance(bar)
@@ -461,17 +481,20 @@ def table(results: dict[str, Any]) -> str:
     def ratio(value: float, base: float) -> str:
         return f"{value / base:.0%}" if base else "-"
 
-    bp, bg = results["baseline_post"], results["baseline_get"]
-    lines = [
-        f"Run {results['date']} on {results['machine']}; load: {bp['tool']}, "
-        f"{results['seconds']} s per figure.",
-        "",
-        "| | POST /tasks req/s | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | vs bare | echo submit→done p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
-        f"| bare FastAPI | {bp['rps']:.0f} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | 100% | - |",
+    lines = [f"Run {results['date']} on {results['machine']}."]
+    measured = [
+        k for k in ("phase1", "phase2", "phase3") if "post" in results.get(k, {})
     ]
-    for key in ("phase1", "phase2", "phase3"):
-        if key in results:
+    if "baseline_post" in results:
+        bp, bg = results["baseline_post"], results["baseline_get"]
+        lines += [
+            f"HTTP load: {bp['tool']}, {results['seconds']} s per figure.",
+            "",
+            "| | POST /tasks req/s | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | vs bare | echo submit→done p50 / p99 ms |",
+            "|---|---|---|---|---|---|---|",
+            f"| bare FastAPI | {bp['rps']:.0f} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | 100% | - |",
+        ]
+        for key in measured:
             r = results[key]
             lines.append(
                 f"| {key} | {r['post']['rps']:.0f} | {ratio(r['post']['rps'], bp['rps'])} | "
@@ -490,7 +513,7 @@ def table(results: dict[str, Any]) -> str:
         for key in durable:
             d = results[key]["durability"]
             lines.append(f"| {key} | {d['submitted']} | {d['lost']} |")
-    if "phase2" in results and "phase3" in results:
+    if "phase2" in measured and "phase3" in measured:
         p2, p3 = results["phase2"], results["phase3"]
         lines += [
             "",

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt
 def draw(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{results['date'][:10]}, {results['machine']}"
-    written = [_throughput(results, out / "throughput.png", stamp)]
+    written = []
+    if "baseline_post" in results:
+        written.append(_throughput(results, out / "throughput.png", stamp))
     if "workers" in results:
         written.append(_workers(results["workers"], out / "workers.png", stamp))
     if "loop" in results:

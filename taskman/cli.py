@@ -182,16 +182,24 @@ def bench(
     charts: Annotated[
         Path | None, typer.Option(help="Where PNG charts go (e.g. docs/img).")
     ] = None,
+    figures: Annotated[
+        str, typer.Option(help="Comma-separated: http, durability, workers, loop.")
+    ] = "http,durability,workers,loop",
 ) -> None:
     """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
-    from taskman.bench import run, table
+    from taskman.bench import FIGURES, run, table
 
     if quick:
         seconds, jobs = 1, 300
     chosen = [int(p) for p in phases.split(",") if p.strip()]
     for phase in chosen:
         _module(phase)
-    results = run(chosen, seconds, jobs, out)
+    wanted = [f.strip() for f in figures.split(",") if f.strip()]
+    if unknown := set(wanted) - set(FIGURES):
+        raise typer.BadParameter(
+            f"unknown: {', '.join(sorted(unknown))}", param_hint="--figures"
+        )
+    results = run(chosen, seconds, jobs, out, wanted)
     print(table(results))
     console.print(f"[dim]JSON: {results['json']}[/dim]")
     if charts is not None:
