@@ -1,6 +1,5 @@
 """Every error is JSON with a ``detail``: no HTML page, no bare 500."""
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -72,6 +71,5 @@ def install_error_handling(app: FastAPI, max_body_bytes: int) -> None:
     """JSON handlers for our errors, and the body size limit."""
     app.add_exception_handler(BackendError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(json.JSONDecodeError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(BodyLimit, max_body_size=max_body_bytes)

@@ -10,7 +10,7 @@ import httpx
 
 from common.process import alive, descendants
 
-__all__ = ["alive", "descendants", "taskman", "wait_http"]
+__all__ = ["alive", "descendants", "drain", "taskman", "wait_http"]
 
 BIN = Path(sys.executable).parent
 
@@ -40,4 +40,20 @@ def taskman(
         env={**os.environ, **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
+    )
+
+
+def drain(redis_url: str, queue_name: str) -> None:
+    """Run a queue dry with one real burst worker (rq's advice for tests)."""
+    env = {
+        **os.environ,
+        "TASKMAN_REDIS_URL": redis_url,
+        "TASKMAN_QUEUE_NAME": queue_name,
+    }
+    subprocess.run(
+        [sys.executable, "-m", "taskman", "worker", "--phase", "2", "--burst"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )

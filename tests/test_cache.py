@@ -3,9 +3,6 @@ stampede, ETag and 304."""
 
 import asyncio
 import base64
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +16,7 @@ from fastapi.testclient import TestClient
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase3_production import create_app
+from tests import processes
 from tests.conftest import submit
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
@@ -43,18 +41,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def drain(settings: Settings) -> None:
-    env = {
-        **os.environ,
-        "TASKMAN_REDIS_URL": str(settings.redis_url),
-        "TASKMAN_QUEUE_NAME": settings.queue_name,
-    }
-    subprocess.run(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "3", "--burst"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    processes.drain(str(settings.redis_url), settings.queue_name)
 
 
 def test_a_finished_task_is_served_from_the_cache(

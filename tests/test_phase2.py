@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
+from tests import processes
 from tests.conftest import submit, wait_for
 
 
@@ -54,19 +55,7 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
 
 
 def drain(settings: Settings) -> None:
-    """Run the queue dry with one burst worker (rq's testing advice)."""
-    env = {
-        **os.environ,
-        "TASKMAN_REDIS_URL": str(settings.redis_url),
-        "TASKMAN_QUEUE_NAME": settings.queue_name,
-    }
-    subprocess.run(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "2", "--burst"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    processes.drain(str(settings.redis_url), settings.queue_name)
 
 
 def test_an_api_restart_loses_no_queued_task(queue_settings: Settings) -> None:
