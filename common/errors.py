@@ -5,8 +5,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.backend import BackendError
 
@@ -42,22 +42,46 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 class BodyLimit:
     """413 as JSON for bodies over the limit, declared or streamed.
 
-    Starlette's RequestBodyLimitMiddleware counts streamed (chunked) bodies; a body
-    whose Content-Length is already too large is refused here before it is read.
+    A declared body (Content-Length) too large is refused before it is read; one
+    within the limit passes untouched, since the server delivers no more than it
+    declared. Only a streamed (chunked) body is counted as it arrives. Starlette's
+    RequestBodyLimitMiddleware counts every body, at a cost on every request, and
+    answers in plain text when the route never reads the body.
     """
 
     def __init__(self, app: ASGIApp, max_body_size: int) -> None:
-        self.app = RequestBodyLimitMiddleware(app, max_body_size=max_body_size)
+        self.app = app
         self.max_body_size = max_body_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and _too_long(value, self.max_body_size):
-                    detail = f"request body is over {self.max_body_size} bytes"
-                    response = JSONResponse({"detail": detail}, status_code=413)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if _too_long(value, self.max_body_size):
+                    response = JSONResponse({"detail": self._detail}, status_code=413)
                     return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+                return await self.app(scope, receive, send)
+        await self.app(scope, self._counted(receive), send)
+
+    @property
+    def _detail(self) -> str:
+        return f"request body is over {self.max_body_size} bytes"
+
+    def _counted(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_size:
+                # Raised where the route reads its body: FastAPI lets an
+                # HTTPException through, and answers it as JSON.
+                raise HTTPException(status_code=413, detail=self._detail)
+            return message
+
+        return counted_receive
 
 
 def _too_long(value: bytes, limit: int) -> bool:

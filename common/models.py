@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -87,3 +88,17 @@ class Task(BaseModel):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_task(request: TaskCreate, default_retries: int) -> Task:
+    """The task a POST answers with: queued, not yet tried, under a fresh id."""
+    return Task(
+        id=uuid.uuid4().hex,
+        type=request.type,
+        status=TaskStatus.QUEUED,
+        payload=request.payload,
+        max_retries=(
+            default_retries if request.max_retries is None else request.max_retries
+        ),
+        created_at=utcnow(),
+    )

@@ -32,7 +32,10 @@ class EchoPayload(Payload):
     @field_validator("value")
     @classmethod
     def _small(cls, value: Any) -> Any:
-        if len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode()) > MAX_TEXT:
+        if (
+            len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode())
+            > MAX_TEXT
+        ):
             raise ValueError(f"value must encode to at most {MAX_TEXT} bytes of JSON")
         return value
 

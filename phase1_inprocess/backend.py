@@ -8,7 +8,6 @@ restart loses every task that has not finished: the lesson that leads to phase 2
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from common.backend import (
     TaskFinished,
 )
 from common.context import TaskCanceled, task_context
-from common.models import Task, TaskCreate, TaskStatus, utcnow
+from common.models import Task, TaskCreate, TaskStatus, new_task, utcnow
 from common.settings import Settings
 from common.tasks import TASKS, describe_error
 from phase1_inprocess.pool import CpuPool
@@ -77,18 +76,7 @@ class InProcessBackend:
             >= self._settings.max_queued
         ):
             raise QueueFull(f"more than {self._settings.max_queued} tasks are waiting")
-        task = Task(
-            id=uuid.uuid4().hex,
-            type=request.type,
-            status=TaskStatus.QUEUED,
-            payload=request.payload,
-            max_retries=(
-                self._settings.max_retries
-                if request.max_retries is None
-                else request.max_retries
-            ),
-            created_at=utcnow(),
-        )
+        task = new_task(request, self._settings.max_retries)
         cpu_bound = TASKS[task.type].cpu_bound
         entry = _Entry(task, self._cpu_queue if cpu_bound else self._io_queue)
         self._tasks[task.id] = entry
