@@ -9,15 +9,20 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
+from phase2_queue.backend import JOB_TIMEOUT
 from tests import processes
 from tests.conftest import submit, wait_for
 
@@ -223,3 +228,49 @@ def test_delayed_retries_run_after_the_scheduler_worker_stops(
         for worker in (first, second):
             worker.kill()
             worker.wait()
+
+
+@pytest.mark.parametrize("max_retries", [0, 3])
+def test_a_job_is_stored_exactly_as_rq_enqueue_stores_it(
+    queue_settings: Settings, max_retries: int
+) -> None:
+    """The POST writes the job hash itself (RQ's Job.create is slow): field for
+    field, it must be what RQ's own enqueue writes for the same call."""
+    with TestClient(create_app(queue_settings)) as client:
+        body = {"type": "echo", "payload": {"value": [1, "é"]}}
+        task = client.post("/tasks", json={**body, "max_retries": max_retries}).json()
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+    ours = connection.hgetall(f"rq:job:{task['id']}")
+    drain(queue_settings)
+
+    retry = None
+    if max_retries:
+        retry = Retry(max=max_retries, interval=json.loads(ours[b"retry_intervals"]))
+    queue = Queue(queue_settings.queue_name, connection=connection)
+    job = Job.create(
+        "common.tasks.echo",
+        kwargs=body["payload"],
+        connection=connection,
+        id=task["id"],
+        serializer=JSONSerializer,
+        description="taskman echo task",
+        timeout=JOB_TIMEOUT,
+        result_ttl=queue_settings.retention_seconds,
+        failure_ttl=queue_settings.retention_seconds,
+        retry=retry,
+        meta={"max_retries": max_retries},
+        origin=queue.name,
+        status=JobStatus.QUEUED,
+    )
+    job.created_at = job.enqueued_at = datetime.fromisoformat(task["created_at"])
+    # What redis-py writes for each value RQ hands it.
+    theirs = {
+        name.encode(): value if isinstance(value, bytes) else str(value).encode()
+        for name, value in job.to_dict().items()
+    }
+    theirs[b"status"] = JobStatus.QUEUED.value.encode()
+    ours.pop(b"attempts", None)
+    assert ours.keys() == theirs.keys()
+    # The call is compressed: compare what it says, not its bytes.
+    assert zlib.decompress(ours.pop(b"data")) == zlib.decompress(theirs.pop(b"data"))
+    assert ours == theirs
