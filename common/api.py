@@ -4,9 +4,10 @@ Routes reach the phase's backend through ``app.state.backend``; building the app
 with :func:`create_api` is the only thing a phase's ``app.py`` must do.
 """
 
+import gc
 import re
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
@@ -146,10 +147,20 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 def create_api(phase: int, settings: Settings, lifespan: Lifespan) -> FastAPI:
     """The FastAPI app every phase serves; the lifespan sets ``app.state.backend``."""
+
+    @asynccontextmanager
+    async def started(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app):
+            # What exists now (modules, routes, models, clients) lives as long as
+            # the process. Frozen, Python's full collections stop re-scanning it:
+            # without this they cost phase 2 ~12 % of its CPU per POST.
+            gc.freeze()
+            yield
+
     app = FastAPI(
         title=f"taskman, phase {phase}",
         summary="An asynchronous task manager: POST a task, poll for its result.",
-        lifespan=lifespan,
+        lifespan=started,
     )
     app.state.phase = phase
     app.state.settings = settings
