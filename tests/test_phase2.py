@@ -274,3 +274,49 @@ def test_a_job_is_stored_exactly_as_rq_enqueue_stores_it(
     # The call is compressed: compare what it says, not its bytes.
     assert zlib.decompress(ours.pop(b"data")) == zlib.decompress(theirs.pop(b"data"))
     assert ours == theirs
+
+
+def rq_cli(settings: Settings, *args: str) -> None:
+    rq = str(Path(sys.executable).parent / "rq")
+    url = ["--url", str(settings.redis_url)]
+    subprocess.run([rq, *args, *url], check=True, capture_output=True, timeout=30)
+
+
+def test_the_worker_skips_round_trips_but_not_what_rq_tools_show(
+    queue_settings: Settings,
+) -> None:
+    """Our worker writes its state and heartbeat less often than RQ's: rq info and
+    the dashboard must still see busy and idle, and `rq suspend` must still hold
+    it back from new jobs."""
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+
+    def states() -> set[bytes]:
+        keys = connection.smembers(f"rq:workers:{queue_settings.queue_name}")
+        return {connection.hget(key, "state") or b"" for key in keys}
+
+    worker = start_worker(queue_settings)
+    try:
+        with TestClient(create_app(queue_settings)) as client:
+            task = submit(client, "sleep", seconds=1)
+            wait_for(client, task["id"], "running")
+            assert states() == {b"busy"}
+            wait_for(client, task["id"])
+            deadline = time.monotonic() + 5
+            while states() != {b"idle"} and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert states() == {b"idle"}
+
+            # A suspended worker finishes its job, then takes no other.
+            busy = submit(client, "sleep", seconds=1.5)
+            wait_for(client, busy["id"], "running")
+            rq_cli(queue_settings, "suspend")
+            held = submit(client, "echo", value="held")
+            wait_for(client, busy["id"])
+            time.sleep(1.5)
+            assert client.get(f"/tasks/{held['id']}").json()["status"] == "queued"
+            rq_cli(queue_settings, "resume")
+            assert wait_for(client, held["id"])["status"] == "succeeded"
+    finally:
+        rq_cli(queue_settings, "resume")
+        worker.kill()
+        worker.wait()
