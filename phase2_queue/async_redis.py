@@ -17,9 +17,16 @@ from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
 
 
-def connect_async(url: str) -> aioredis.Redis:
+def connect_async(
+    url: str, timeout: float = 5, connect_timeout: float = 1
+) -> aioredis.Redis:
+    """One quick retry only: it survives a connection that went stale when Redis
+    restarted, and fails fast when Redis is away."""
     pool = aioredis.ConnectionPool.from_url(
-        url, socket_connect_timeout=1, socket_timeout=5, retry=Retry(NoBackoff(), 1)
+        url,
+        socket_connect_timeout=connect_timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
     )
     # from_url picked the class for the URL's scheme (TCP, TLS or a Unix socket).
     pool.connection_class = _packed_by_hiredis(pool.connection_class)

@@ -26,12 +26,19 @@ class AutoPipeline:
 
     async def execute_command(self, *args: Any) -> Any:
         """The reply to one command, sent with whatever else this loop turn sends."""
+        return await self._queue(args)
+
+    async def execute_commands(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """The replies to several commands, in order; the first error is raised."""
+        return await asyncio.gather(*(self._queue(args) for args in commands))
+
+    def _queue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((args, future))
         if len(self._waiting) == 1:
             loop.call_soon(self._flush)  # after every handler ready this turn
-        return await future
+        return future
 
     def _flush(self) -> None:
         batch, self._waiting = self._waiting, []

@@ -21,15 +21,14 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 from limits.errors import StorageError
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
+from phase2_queue.async_redis import connect_async
+from phase2_queue.autopipeline import AutoPipeline
 
 log = logging.getLogger("taskman")
 
@@ -127,16 +126,16 @@ class RateLimit:
             "submit": _policies("submit", parse_limits(settings.rate_limit_submit)),
             "read": _policies("read", parse_limits(settings.rate_limit_read)),
         }
-        # Our own pool rather than limits' default client: redis-py retries a
+        # Phase 2's client rather than limits' default one: redis-py retries a
         # refused connection 3 times with up to 10 s of backoff, and a rate limiter
-        # must fail fast. One quick retry survives a connection that went stale
-        # when Redis restarted.
-        self._pool = ConnectionPool.from_url(
+        # must fail fast; and the checks of concurrent requests share pipelines.
+        self._redis = connect_async(
             settings.redis_url,
-            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-            socket_timeout=REDIS_TIMEOUT_SECONDS,
-            retry=Retry(NoBackoff(), 1),
+            timeout=REDIS_TIMEOUT_SECONDS,
+            connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
+        self._batch = AutoPipeline(self._redis)
+        self._pool = self._redis.connection_pool
         options: dict[str, Any] = {"connection_pool": self._pool}
         storage = RedisStorage(
             storage_uri(settings.redis_url),
@@ -147,7 +146,6 @@ class RateLimit:
         )
         self.limiter = STRATEGIES[settings.rate_limit_strategy](storage)
         self._storage = storage
-        self._redis = Redis(connection_pool=self._pool)
         self._down_until = 0.0
         self._last_warning = -math.inf
         self._unwarned_failures = 0
@@ -230,22 +228,23 @@ class RateLimit:
         """The default strategy in one round trip instead of two per policy.
 
         These are limits' own two Lua scripts (take an entry if the window has
-        room; read the window), for every policy, in one pipeline. Each script is
-        atomic, so the limit stays exact; the price is that when a short window
-        refuses, the longer windows have still counted the request.
+        room; read the window), for every policy, in one pipeline, shared with the
+        checks of other requests in the same loop turn. Each script is atomic, so
+        the limit stays exact; the price is that when a short window refuses, the
+        longer windows have still counted the request.
         """
         scripts: Any = (
             self._storage.bridge
         )  # limits' redis-py bridge (implementation="redispy")
         acquire, window = scripts.lua_acquire_moving_window, scripts.lua_moving_window
         now = time.time()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for policy in policies:
-                key = scripts.prefixed_key(policy.item.key_for(kind, client))
-                amount, expiry = policy.item.amount, policy.window
-                pipe.evalsha(acquire.sha, 1, key, now, amount, expiry, 1)
-                pipe.evalsha(window.sha, 1, key, now - expiry, amount)
-            results = await pipe.execute()
+        commands: list[tuple[Any, ...]] = []
+        for policy in policies:
+            key = scripts.prefixed_key(policy.item.key_for(kind, client))
+            amount, expiry = policy.item.amount, policy.window
+            commands.append(("EVALSHA", acquire.sha, 1, key, now, amount, expiry, 1))
+            commands.append(("EVALSHA", window.sha, 1, key, now - expiry, amount))
+        results = await self._batch.execute_commands(*commands)
         verdicts = []
         for index, policy in enumerate(policies):
             acquired, entries = results[2 * index], results[2 * index + 1]
@@ -339,6 +338,7 @@ class RateLimit:
 
     async def aclose(self) -> None:
         """Close the Redis connections (they belong to the running event loop)."""
+        await self._batch.aclose()
         await self._pool.aclose()
 
 
