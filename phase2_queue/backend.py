@@ -147,10 +147,11 @@ class RQBackend:
 
     async def get(self, task_id: str) -> Task | None:
         with unavailable_when_redis_is_down():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(f"rq:job:{task_id}")
-                pipe.xrevrange(f"rq:results:{task_id}", count=1)
-                raw, results = await pipe.execute()
+            # One round trip, shared with other requests' (see autopipeline.py).
+            raw, results = await self._batch.execute_commands(
+                ("HGETALL", f"rq:job:{task_id}"),
+                ("XREVRANGE", f"rq:results:{task_id}", "+", "-", "COUNT", 1),
+            )
         if not raw or b"data" not in raw:
             return None
         job = TaskJob(task_id, connection=self._sync, serializer=JSONSerializer)
