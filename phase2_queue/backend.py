@@ -6,7 +6,6 @@ and a GET reads the job's hash and latest result in one round trip. Jobs are bui
 and decoded by RQ's own Job/Result classes, so stock ``rq`` tools see plain RQ jobs.
 """
 
-import json
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio as aioredis
+from pydantic_core import to_json
 from redis.exceptions import NoScriptError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
@@ -221,15 +221,16 @@ class RQBackend:
         as all the rest of a POST. tests/test_phase2.py holds it to RQ's own, field
         by field, so an RQ upgrade that changes the format fails a test, not a job.
         """
-        # The call as RQ's JSONSerializer writes it: function, instance, args, kwargs.
-        call = json.dumps([FUNCTIONS[task.type], None, [], task.payload])
+        # The call as RQ's JSONSerializer reads it: function, instance, args, kwargs.
+        # (pydantic's to_json: the same JSON, less spaces, in a fifth of the time.)
+        call = to_json([FUNCTIONS[task.type], None, [], task.payload])
         # RQ's utcformat(), without strftime's cost.
         moment = (
             task.created_at.replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
         )
         fields = [
             *self._fixed_fields,
-            *("data", _compress(call.encode())),
+            *("data", _compress(call)),
             *("created_at", moment, "enqueued_at", moment),
             # A fixed, safe description: rq-dashboard renders it unescaped.
             *("description", f"taskman {task.type} task"),
@@ -240,7 +241,7 @@ class RQBackend:
                 self._settings.retry_delay(n) for n in range(1, task.max_retries + 1)
             ]
             fields += ("retries_left", task.max_retries)
-            fields += ("retry_intervals", json.dumps(delays))
+            fields += ("retry_intervals", to_json(delays))
         return fields
 
 
