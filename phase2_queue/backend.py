@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pydantic_core import to_json
 from redis.exceptions import NoScriptError
 from rq import Queue
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -156,18 +156,21 @@ class RQBackend:
         if not raw or b"data" not in raw:
             return None
         job = TaskJob(task_id, connection=self._sync, serializer=JSONSerializer)
-        job.restore(raw)
-        latest = None
-        if results:
-            result_id, payload = results[0]
-            latest = Result.restore(
-                task_id,
-                result_id.decode(),
-                payload,
-                connection=self._sync,
-                serializer=JSONSerializer,
-            )
-        return _task(job, latest)
+        try:
+            job.restore(raw)
+            latest = None
+            if results:
+                result_id, payload = results[0]
+                latest = Result.restore(
+                    task_id,
+                    result_id.decode(),
+                    payload,
+                    connection=self._sync,
+                    serializer=JSONSerializer,
+                )
+            return _task(job, latest)
+        except DeserializationError:
+            return None  # not JSON (a pickled job, say): not one of our tasks
 
     async def cancel(self, task_id: str) -> Task | None:
         with unavailable_when_redis_is_down():
@@ -184,7 +187,8 @@ class RQBackend:
                         job = TaskJob.fetch(
                             task_id, connection=self._sync, serializer=JSONSerializer
                         )
-                    except NoSuchJobError:
+                        job.kwargs  # noqa: B018  # not JSON: not one of ours
+                    except (NoSuchJobError, DeserializationError):
                         return False
                     status = STATUSES.get(
                         job.get_status(refresh=False), TaskStatus.QUEUED

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -323,3 +324,34 @@ def test_the_worker_skips_round_trips_but_not_what_rq_tools_show(
         rq_cli(queue_settings, "resume")
         worker.kill()
         worker.wait()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        zlib.compress(pickle.dumps(("os.system", None, ("true",), {}))),
+        b"not even zlib",
+        zlib.compress(b'{"not": "a call"}'),
+    ],
+    ids=["pickle", "garbage", "json but not a call"],
+)
+def test_a_job_that_is_not_ours_is_404_and_left_alone(
+    queue_settings: Settings, data: bytes
+) -> None:
+    """Anyone who can write to Redis can leave a job there that no JSON decoder
+    reads: GET and DELETE must answer 404 (not 500), and DELETE must not touch it."""
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+    job_id = uuid.uuid4().hex
+    key = f"rq:job:{job_id}"
+    connection.hset(key, mapping={"data": data, "status": "queued"})
+    try:
+        with TestClient(create_app(queue_settings)) as client:
+            for response in (
+                client.get(f"/tasks/{job_id}"),
+                client.delete(f"/tasks/{job_id}"),
+            ):
+                assert response.status_code == 404, response.text
+                assert response.json() == {"detail": "task not found"}
+        assert connection.hget(key, "status") == b"queued"
+    finally:
+        connection.delete(key)
