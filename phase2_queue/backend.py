@@ -2,8 +2,10 @@
 
 The hot paths speak Redis directly through ``redis.asyncio``: a POST writes the job
 exactly as RQ's ``enqueue`` would (same hash, same queue list) in one atomic script,
-and a GET reads the job's hash and latest result in one round trip. Jobs are built
-and decoded by RQ's own Job/Result classes, so stock ``rq`` tools see plain RQ jobs.
+and a GET reads the job's hash and latest result in one round trip; concurrent
+requests share those round trips (autopipeline.py). The job hash is written here
+(a test holds it to RQ's own) and read back by RQ's Job and Result classes, so
+stock ``rq`` tools and workers see plain RQ jobs.
 """
 
 import zlib
