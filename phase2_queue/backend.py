@@ -18,7 +18,7 @@ import anyio
 import redis
 import redis.asyncio as aioredis
 from pydantic_core import to_json
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from rq import Queue
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import JobStatus
@@ -312,11 +312,23 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# Redis is up but will not write: out of memory (maxmemory, noeviction), a read-only
+# replica, or unable to persist (MISCONF: its disk is full).
+REFUSING_WRITES = "the queue (Redis) refuses writes for now; retry shortly"
+
+
 @contextmanager
 def unavailable_when_redis_is_down() -> Iterator[None]:
+    """503 (with Retry-After) for a Redis that is away, or there but refusing."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise BackendUnavailable(
             "the queue (Redis) is unreachable; retry shortly"
         ) from error
+    except (OutOfMemoryError, ReadOnlyError) as error:
+        raise BackendUnavailable(REFUSING_WRITES) from error
+    except redis.ResponseError as error:
+        if str(error).startswith(("MISCONF", "NOREPLICAS")):
+            raise BackendUnavailable(REFUSING_WRITES) from error
+        raise  # anything else is a bug of ours: a 500, and a traceback in the log

@@ -12,6 +12,7 @@ a single backend read (no stampede when many clients poll a task that just finis
 """
 
 import asyncio
+import contextlib
 import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from common.backend import BackendUnavailable
 from common.models import Task, TaskCreate
 from phase2_queue.backend import RQBackend, unavailable_when_redis_is_down
 from phase3_production.metrics import Metrics
@@ -75,7 +77,10 @@ class CachedBackend:
         try:
             task = await self._inner.get(task_id)
             if task is not None and task.status.finished:
-                await self._store(task)
+                # Redis refusing writes (full?) means no cache entry, not an error.
+                with contextlib.suppress(BackendUnavailable):
+                    await self._store(task)
+
             future.set_result(task)
             return task
         except BaseException as error:

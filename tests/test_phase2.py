@@ -9,17 +9,19 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import redis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+import phase3_production
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
@@ -355,3 +357,41 @@ def test_a_job_that_is_not_ours_is_404_and_left_alone(
         assert connection.hget(key, "status") == b"queued"
     finally:
         connection.delete(key)
+
+
+@pytest.mark.parametrize(
+    "create", [create_app, phase3_production.create_app], ids=["phase2", "phase3"]
+)
+def test_a_redis_refusing_writes_is_503_and_reads_still_work(
+    own_redis: EmbeddedRedis, create: Callable[[Settings], FastAPI]
+) -> None:
+    """Redis up but out of memory (maxmemory, noeviction): no 500, no false 202."""
+    settings = Settings(redis_url=own_redis.url)
+    connection = redis.Redis.from_url(own_redis.url)
+    worker = start_worker(settings)
+    try:
+        with TestClient(create(settings)) as client:
+            done = submit(client, "echo", value="done")
+            deadline = time.monotonic() + 20  # finished, and never read: not cached
+            while connection.hget(f"rq:job:{done['id']}", "status") != b"finished":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            connection.config_set("maxmemory-policy", "noeviction")
+            connection.config_set("maxmemory", "1")
+            try:
+                refused = client.post(
+                    "/tasks", json={"type": "echo", "payload": {"value": 1}}
+                )
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["retry-after"]
+                assert "refuses writes" in refused.json()["detail"]
+                read = client.get(f"/tasks/{done['id']}")
+                assert read.status_code == 200, read.text
+                assert read.json()["result"] == "done"
+            finally:
+                connection.config_set("maxmemory", "0")
+            after = submit(client, "echo", value="after")
+            assert wait_for(client, after["id"], timeout=30)["result"] == "after"
+    finally:
+        worker.kill()
+        worker.wait()
