@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -158,6 +159,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,17 +181,29 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_observed)
         finally:
             elapsed = time.perf_counter() - started
-            labels = (method, route_template(arrived), str(status))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(elapsed)
+            route = scope.get("route")  # the API route FastAPI chose, if it ran
+            template = route.path if isinstance(route, APIRoute) else None
+            labels = (method, template or route_template(arrived), str(status))
+            counter, histogram = self._series.get(labels) or self._new_series(labels)
+            counter.inc()
+            histogram.observe(elapsed)
+
+    def _new_series(self, labels: tuple[str, str, str]) -> tuple[Any, Any]:
+        """prometheus_client's labels() validates and locks on every call; the
+        series of a route are few, so each is looked up once."""
+        series = (
+            self.metrics.requests.labels(*labels),
+            self.metrics.latency.labels(*labels),
+        )
+        self._series[labels] = series
+        return series
 
 
 def route_template(scope: Scope) -> str:
     """The path template of the app's route for this (unrouted) request scope.
 
-    Matched here rather than read from the scope after the app ran: the router
-    records only API routes there (not mounts), and a request a middleware
-    answered (429, 413) never reached it.
+    For what FastAPI did not route itself: mounts (the dashboard), and requests
+    a middleware answered (429, 413), which never reached the router.
     """
     app = scope.get("app")
     # On a copy: FastAPI's matching leaves notes in the scope.
