@@ -1,6 +1,8 @@
 """AutoPipeline, against a real Redis: batching must not change any caller's reply."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +16,27 @@ from phase2_queue.async_redis import connect_async
 from phase2_queue.autopipeline import AutoPipeline
 
 
+@asynccontextmanager
+async def auto_pipeline(url: str) -> AsyncIterator[AutoPipeline]:
+    client = connect_async(url)
+    batch = AutoPipeline(client)
+    try:
+        yield batch
+    finally:
+        await batch.aclose()
+        await client.aclose()
+
+
 def connections_received(url: str) -> int:
     stats: Any = redis.Redis.from_url(url).info("stats")
     return int(stats["total_connections_received"])
 
 
 async def in_one_turn(url: str, count: int) -> list[Any]:
-    client = connect_async(url)
-    batch = AutoPipeline(client)
-    try:
+    async with auto_pipeline(url) as batch:
         return await asyncio.gather(
             *(batch.execute_command("ECHO", f"reply {i}") for i in range(count))
         )
-    finally:
-        await batch.aclose()
-        await client.aclose()
 
 
 def test_commands_of_one_loop_turn_share_a_connection_and_keep_their_replies(
@@ -45,18 +53,13 @@ def test_commands_of_one_loop_turn_share_a_connection_and_keep_their_replies(
 
 def test_an_error_reply_fails_its_own_caller_only(redis_url: str) -> None:
     async def main() -> list[Any]:
-        client = connect_async(redis_url)
-        batch = AutoPipeline(client)
-        try:
+        async with auto_pipeline(redis_url) as batch:
             return await asyncio.gather(
                 batch.execute_command("SET", "autopipeline:text", "x"),
                 batch.execute_command("INCR", "autopipeline:text"),  # not a number
                 batch.execute_command("GET", "autopipeline:text"),
                 return_exceptions=True,
             )
-        finally:
-            await batch.aclose()
-            await client.aclose()
 
     stored, failed, read = asyncio.run(main())
     assert stored is True
@@ -66,9 +69,8 @@ def test_an_error_reply_fails_its_own_caller_only(redis_url: str) -> None:
 
 def test_redis_unreachable_fails_every_caller_at_once() -> None:
     async def main() -> list[Any]:
-        client = connect_async(f"redis://127.0.0.1:{free_port()}/0")
-        batch = AutoPipeline(client)
-        try:
+        nobody = f"redis://127.0.0.1:{free_port()}/0"
+        async with auto_pipeline(nobody) as batch:
             return await asyncio.wait_for(
                 asyncio.gather(
                     *(batch.execute_command("PING") for _ in range(5)),
@@ -76,9 +78,6 @@ def test_redis_unreachable_fails_every_caller_at_once() -> None:
                 ),
                 timeout=10,
             )
-        finally:
-            await batch.aclose()
-            await client.aclose()
 
     outcomes = asyncio.run(main())
     assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
@@ -86,17 +85,12 @@ def test_redis_unreachable_fails_every_caller_at_once() -> None:
 
 def test_a_caller_that_goes_away_does_not_disturb_the_others(redis_url: str) -> None:
     async def main() -> tuple[Any, bool]:
-        client = connect_async(redis_url)
-        batch = AutoPipeline(client)
-        try:
+        async with auto_pipeline(redis_url) as batch:
             leaving = asyncio.ensure_future(batch.execute_command("ECHO", "gone"))
             staying = asyncio.ensure_future(batch.execute_command("ECHO", "here"))
             await asyncio.sleep(0)  # both queued, not yet sent
             leaving.cancel()
             return await staying, leaving.cancelled()
-        finally:
-            await batch.aclose()
-            await client.aclose()
 
     assert asyncio.run(main()) == (b"here", True)
 
@@ -104,14 +98,9 @@ def test_a_caller_that_goes_away_does_not_disturb_the_others(redis_url: str) -> 
 @pytest.mark.parametrize("count", [1, 3])
 def test_execute_commands_answers_in_order(redis_url: str, count: int) -> None:
     async def main() -> list[Any]:
-        client = connect_async(redis_url)
-        batch = AutoPipeline(client)
-        try:
+        async with auto_pipeline(redis_url) as batch:
             return await batch.execute_commands(
                 *(("ECHO", str(i)) for i in range(count))
             )
-        finally:
-            await batch.aclose()
-            await client.aclose()
 
     assert asyncio.run(main()) == [str(i).encode() for i in range(count)]
