@@ -52,8 +52,11 @@ STATUSES = {
 # SET NX the idempotency key, write the job hash, push its id: all or nothing, in
 # one round trip. KEYS: the job's hash, the queue's list, the idempotency key (''
 # for none). ARGV: the job id, the idempotency record and its TTL, then the hash's
-# fields and values, flat.
+# fields and values, flat. redis-py sends a call again when its connection fails,
+# even if the first one reached Redis: a job that exists is such a repeat, and
+# pushing its id again would run it twice. (Ids are random: a new one never exists.)
 ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 if KEYS[3] ~= '' then
   local earlier = redis.call('GET', KEYS[3])
   if earlier then return earlier end

@@ -25,7 +25,7 @@ import phase3_production
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
-from phase2_queue.backend import JOB_TIMEOUT
+from phase2_queue.backend import ENQUEUE, JOB_TIMEOUT
 from tests import processes
 from tests.conftest import submit, wait_for
 
@@ -395,3 +395,21 @@ def test_a_redis_refusing_writes_is_503_and_reads_still_work(
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_an_enqueue_sent_twice_queues_the_task_once(queue_settings: Settings) -> None:
+    """redis-py repeats a call whose connection failed, even if the call had reached
+    Redis: the enqueue script must leave one job, queued once."""
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+    with TestClient(create_app(queue_settings)) as client:
+        task = submit(client, "echo", value="once")
+    job_key = f"rq:job:{task['id']}"
+    queue_key = f"rq:queue:{queue_settings.queue_name}"
+    flat = [item for pair in connection.hgetall(job_key).items() for item in pair]
+    again = connection.eval(
+        ENQUEUE, 3, job_key, queue_key, "", task["id"], f" {task['id']}", 60, *flat
+    )
+    assert again is None
+    queued = connection.lrange(queue_key, 0, -1)
+    assert queued == [task["id"].encode()]
+    drain(queue_settings)
