@@ -29,14 +29,9 @@ from rq.utils import now, utcformat
 from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
 from common.models import Task, TaskCreate, TaskStatus, new_task
 from common.settings import Settings
-from common.tasks import TASKS
 from phase2_queue.async_redis import connect_async
 from phase2_queue.autopipeline import AutoPipeline
-from phase2_queue.worker import TaskJob, connect, task_queue
-
-# A client names a registered type; the job names the function's dotted path.
-FUNCTIONS = {name: f"{t.run.__module__}.{t.run.__name__}" for name, t in TASKS.items()}
-TYPES = {path: name for name, path in FUNCTIONS.items()}
+from phase2_queue.worker import FUNCTIONS, TYPES, TaskJob, connect, task_queue
 
 STATUSES = {
     JobStatus.QUEUED: TaskStatus.QUEUED,

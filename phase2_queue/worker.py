@@ -70,9 +70,11 @@ end
 return 0
 """
 
+# A client names a registered type; its job names the function's dotted path.
+FUNCTIONS = {name: f"{t.run.__module__}.{t.run.__name__}" for name, t in TASKS.items()}
 # Anyone who can write to Redis can write a job, naming any importable function
 # (RQ imports it, and importing alone runs a module's code). Ours run only these.
-REGISTERED = frozenset(f"{t.run.__module__}.{t.run.__name__}" for t in TASKS.values())
+TYPES = {path: name for name, path in FUNCTIONS.items()}
 
 
 class UnregisteredFunction(Exception):
@@ -98,7 +100,7 @@ class TaskJob(Job):
     def _execute(self) -> Any:
         # Checked before RQ imports anything; a job whose data is not JSON (a
         # pickle, say) fails here too, with RQ's DeserializationError.
-        if self.func_name not in REGISTERED or self.instance is not None:
+        if self.func_name not in TYPES or self.instance is not None:
             raise UnregisteredFunction(
                 f"{self.func_name!r} is not a registered task function"
             )
@@ -146,13 +148,13 @@ class TaskWorker(SimpleWorker):
         self.heartbeat_ttl = heartbeat_ttl
         self.scheduler_name = scheduler_name or uuid4().hex
         self._running: Job | None = None
-        self._last_beat = 0.0
+        self._job_beat_at = 0.0
         self._lock = threading.Lock()
         self._canceled = False
         self._failure = "failed"
         self._task_type = "?"
         self._stop_keeper = threading.Event()
-        self._beat_at = self._suspension_checked_at = -1.0
+        self._worker_beat_at = self._suspension_checked_at = -1.0
         self._state_written: str | None = None
         self._rescue = self.connection.register_script(RESCUE)
         self._free_stale_lock = self.connection.register_script(FREE_STALE_LOCK)
@@ -162,7 +164,6 @@ class TaskWorker(SimpleWorker):
     def perform_job(self, job: Job, queue: Queue) -> bool:
         assert isinstance(job, TaskJob)
         self._canceled = False
-        # Function names are the registered type names (common.tasks.echo -> echo).
         self._task_type = _task_type(job)
         # prepare_for_execution (inside perform_job) counts this attempt.
         with task_context(job.attempts + 1, lambda: self._is_canceled(job)):
@@ -214,12 +215,12 @@ class TaskWorker(SimpleWorker):
         if pipeline is not None:  # part of a pipeline already: costs nothing
             super().heartbeat(timeout, pipeline)
             return
-        if timeout is None and time.monotonic() - self._beat_at < 1:
+        if timeout is None and time.monotonic() - self._worker_beat_at < 1:
             return
         with self.connection.pipeline() as pipe:
             super().heartbeat(timeout, pipe)
             pipe.execute()
-        self._beat_at = time.monotonic()
+        self._worker_beat_at = time.monotonic()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's, minus the write when Redis already has this state from us. RQ
@@ -255,7 +256,7 @@ class TaskWorker(SimpleWorker):
     def prepare_job_execution(self, job: Job, *args: Any, **kwargs: Any) -> None:
         super().prepare_job_execution(job, *args, **kwargs)
         with self._lock:
-            self._running, self._last_beat = job, time.monotonic()
+            self._running, self._job_beat_at = job, time.monotonic()
 
     def cleanup_execution(self, job: Job, pipeline: Any) -> None:
         with self._lock:  # no heartbeat may land after the execution is gone
@@ -268,10 +269,10 @@ class TaskWorker(SimpleWorker):
         while not self._stop_keeper.wait(min(1.0, self.heartbeat_ttl / 4)):
             try:
                 with self._lock:
-                    due = time.monotonic() - self._last_beat > self.heartbeat_ttl / 3
+                    due = time.monotonic() - self._job_beat_at > self.heartbeat_ttl / 3
                     if self._running is not None and due and self.execution:
                         self.maintain_heartbeats(self._running)
-                        self._last_beat = time.monotonic()
+                        self._job_beat_at = time.monotonic()
                 if time.monotonic() - last_cleanup > self.maintenance_interval:
                     self._clean_started_jobs()
                     last_cleanup = time.monotonic()
@@ -413,7 +414,7 @@ def _task_type(job: Job) -> str:
         name = job.func_name
     except DeserializationError:  # not ours: the job fails when performed
         return "?"
-    return name.rsplit(".", 1)[-1] if name in REGISTERED else "?"
+    return TYPES.get(name or "", "?")
 
 
 def read_outcomes(connection: redis.Redis) -> dict[str, float]:
