@@ -96,17 +96,21 @@ def test_a_dashboard_requeue_shows_within_two_seconds(
     requeue = client.post(f"/dashboard/job/{task['id']}/requeue", headers=AUTH)
     assert requeue.status_code == 200, requeue.text
     requeued_at = time.monotonic()
-    while client.get(f"/tasks/{task['id']}").json()["status"] == "failed":
+    while (status := client.get(f"/tasks/{task['id']}").json()["status"]) == "failed":
         assert time.monotonic() - requeued_at < 2, "stale cache after a requeue"
         time.sleep(0.05)
+    assert status == "retrying"  # back in the queue, after one failed attempt
     drain(settings)
 
 
-def test_delete_shows_canceled_at_once(client: TestClient, settings: Settings) -> None:
+def test_delete_shows_canceled_at_once(client: TestClient) -> None:
     task = submit(client, "echo", value=1)
     client.get(f"/tasks/{task['id']}")
     assert client.delete(f"/tasks/{task['id']}").json()["status"] == "canceled"
     assert client.get(f"/tasks/{task['id']}").json()["status"] == "canceled"
+    # Canceled is final: from now on the cache answers, and says canceled.
+    again = client.get(f"/tasks/{task['id']}")
+    assert (again.headers["x-cache"], again.json()["status"]) == ("HIT", "canceled")
 
 
 def test_etag_and_304_let_a_poller_skip_the_body(

@@ -78,9 +78,9 @@ def test_shutdown_says_how_many_queued_tasks_are_lost(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="taskman"), phase1() as client:
-        submit(client, "sleep", seconds=30)
+        sleeper = submit(client, "sleep", seconds=30)
+        wait_for(client, sleeper["id"], "running")
         for i in range(3):
             submit(client, "echo", value=i)
-        time.sleep(0.1)
     assert "3 queued task(s) are lost" in caplog.text
     assert "canceled mid-run" in caplog.text
