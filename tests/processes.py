@@ -8,9 +8,18 @@ from pathlib import Path
 
 import httpx
 
-from common.process import alive, descendants
+from common.process import alive, descendants, stop
+from common.settings import Settings
 
-__all__ = ["alive", "descendants", "drain", "taskman", "wait_http"]
+__all__ = [
+    "alive",
+    "descendants",
+    "drain",
+    "drain_queue",
+    "stop",
+    "taskman",
+    "wait_http",
+]
 
 BIN = Path(sys.executable).parent
 
@@ -43,17 +52,25 @@ def taskman(
     )
 
 
-def drain(redis_url: str, queue_name: str) -> None:
-    """Run a queue dry with one real burst worker (rq's advice for tests)."""
-    env = {
-        **os.environ,
-        "TASKMAN_REDIS_URL": redis_url,
-        "TASKMAN_QUEUE_NAME": queue_name,
-    }
-    subprocess.run(
+def drain(redis_url: str, queue_name: str, **env: str) -> str:
+    """Run a queue dry with one real burst worker (rq's advice for tests); its
+    output."""
+    done = subprocess.run(
         [sys.executable, "-m", "taskman", "worker", "--phase", "2", "--burst"],
-        env=env,
-        check=True,
+        env={
+            **os.environ,
+            "TASKMAN_REDIS_URL": redis_url,
+            "TASKMAN_QUEUE_NAME": queue_name,
+            **env,
+        },
         capture_output=True,
+        text=True,
         timeout=60,
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def drain_queue(settings: Settings) -> None:
+    """drain() the queue of these settings."""
+    drain(str(settings.redis_url), settings.queue_name)

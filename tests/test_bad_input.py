@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ import httpx
 import pytest
 
 from common.redis_server import free_port
-from tests.processes import alive, descendants, taskman, wait_http
+from tests.processes import alive, descendants, stop, taskman, wait_http
 
 # Phases 2 and 3 join with one entry each: their `taskman serve` starts its own Redis.
 SERVE_PHASES = [1, 2, 3]
@@ -806,12 +805,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=30, process=process)
         yield Server(port, process.pid, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=60)
 
 
 def test_every_bad_request_gets_a_json_4xx_and_the_server_carries_on(

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase3_production import create_app
-from tests import processes
 from tests.conftest import submit
+from tests.processes import drain_queue
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
 
@@ -40,10 +40,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def drain(settings: Settings) -> None:
-    processes.drain(str(settings.redis_url), settings.queue_name)
-
-
 def test_a_finished_task_is_served_from_the_cache(
     client: TestClient, settings: Settings
 ) -> None:
@@ -53,7 +49,7 @@ def test_a_finished_task_is_served_from_the_cache(
     assert not redis.Redis.from_url(str(settings.redis_url)).exists(
         f"taskman:cache:{task['id']}"
     )
-    drain(settings)
+    drain_queue(settings)
     first = client.get(f"/tasks/{task['id']}")
     second = client.get(f"/tasks/{task['id']}")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
@@ -67,7 +63,7 @@ def test_an_unfinished_task_is_never_cached(
     task = submit(client, "echo", value=1)
     for _ in range(3):
         assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "MISS"
-    drain(settings)
+    drain_queue(settings)
 
 
 def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
@@ -79,7 +75,7 @@ def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
     )
     with TestClient(create_app(settings)) as client:
         task = submit(client, "echo", value=1)
-        drain(settings)
+        drain_queue(settings)
         client.get(f"/tasks/{task['id']}")
     ttl = redis.Redis.from_url(redis_url).ttl(f"taskman:cache:{task['id']}")
     assert 0 < ttl <= 5
@@ -89,7 +85,7 @@ def test_a_dashboard_requeue_shows_within_two_seconds(
     client: TestClient, settings: Settings
 ) -> None:
     task = submit(client, "fail", message="first", max_retries=0)
-    drain(settings)
+    drain_queue(settings)
     assert client.get(f"/tasks/{task['id']}").json()["status"] == "failed"
     assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "HIT"
     # rq-dashboard's own requeue route writes to Redis behind the API's back.
@@ -100,7 +96,7 @@ def test_a_dashboard_requeue_shows_within_two_seconds(
         assert time.monotonic() - requeued_at < 2, "stale cache after a requeue"
         time.sleep(0.05)
     assert status == "retrying"  # back in the queue, after one failed attempt
-    drain(settings)
+    drain_queue(settings)
 
 
 def test_delete_shows_canceled_at_once(client: TestClient) -> None:
@@ -117,7 +113,7 @@ def test_etag_and_304_let_a_poller_skip_the_body(
     client: TestClient, settings: Settings
 ) -> None:
     task = submit(client, "echo", value="body")
-    drain(settings)
+    drain_queue(settings)
     first = client.get(f"/tasks/{task['id']}")
     etag = first.headers["etag"]
     again = client.get(f"/tasks/{task['id']}", headers={"If-None-Match": etag})
@@ -141,7 +137,7 @@ def test_many_pollers_of_a_just_finished_task_cause_one_backend_read(
         app = create_app(settings)
         with TestClient(app) as client:
             task = submit(client, "echo", value="hot")
-        drain(settings)
+        drain_queue(settings)
         server = redis.Redis.from_url(url)
         server.config_resetstat()
 

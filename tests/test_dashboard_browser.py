@@ -8,8 +8,6 @@ Without them the test is skipped, except under CI, where it fails.
 
 import importlib.util
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pytest
 
 from common.redis_server import free_port
-from tests.processes import taskman, wait_http
+from tests.processes import stop, taskman, wait_http
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -118,12 +116,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         assert MESSAGE in task["error"]
         yield {"base": base, "task": task, "tmp": tmp}
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=30)
 
 
 def test_without_credentials_the_browser_gets_401(

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tomllib
@@ -44,7 +43,7 @@ from markdown_it.token import Token
 from common.redis_server import free_port
 from common.settings import Settings
 from taskman.cli import app
-from tests.processes import BIN, taskman, wait_http
+from tests.processes import BIN, stop, taskman, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -572,12 +571,7 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         }
         yield Server(base, found[1], env, log, tmp)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=30)
 
 
 VENV_BIN = re.compile(r"(?<![\w./-])\.venv/bin/")

@@ -213,7 +213,7 @@ def test_mounted_apps_are_counted_under_their_mount(redis_url: str) -> None:
 
 def test_phase3_metrics_move_as_real_tasks_run(redis_url: str) -> None:
     from phase3_production import create_app
-    from tests.test_cache import drain
+    from tests.processes import drain_queue
 
     settings = Settings(
         redis_url=redis_url,
@@ -232,7 +232,7 @@ def test_phase3_metrics_move_as_real_tasks_run(redis_url: str) -> None:
             )
         ]
         assert value(scrape(client), "taskman_queue_depth") == 3
-        drain(settings)
+        drain_queue(settings)
         for task_id in ids:
             client.get(f"/tasks/{task_id}")
             client.get(f"/tasks/{task_id}")

@@ -27,8 +27,8 @@ from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
 from phase2_queue.backend import ENQUEUE, JOB_TIMEOUT
-from tests import processes
 from tests.conftest import submit, wait_for
+from tests.processes import drain_queue
 
 
 @pytest.fixture
@@ -63,15 +63,11 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
-def drain(settings: Settings) -> None:
-    processes.drain(str(settings.redis_url), settings.queue_name)
-
-
 def test_an_api_restart_loses_no_queued_task(queue_settings: Settings) -> None:
     with TestClient(create_app(queue_settings)) as client:
         ids = [submit(client, "echo", value=i)["id"] for i in range(20)]
     # The API is gone; the tasks wait in Redis for a worker.
-    drain(queue_settings)
+    drain_queue(queue_settings)
     with TestClient(create_app(queue_settings)) as client:
         for i, task_id in enumerate(ids):
             task = wait_for(client, task_id)
@@ -114,7 +110,7 @@ def test_every_accepted_task_survives_a_redis_kill(own_redis: EmbeddedRedis) -> 
         ids = [submit(client, "echo", value=i)["id"] for i in range(50)]
     time.sleep(1.5)  # appendfsync everysec: what got a 202 a second ago is on disk
     own_redis.restart(kill=True)
-    drain(settings)
+    drain_queue(settings)
     with TestClient(create_app(settings)) as client:
         for i, task_id in enumerate(ids):
             assert wait_for(client, task_id)["result"] == i
@@ -173,7 +169,7 @@ def test_tasks_are_plain_rq_jobs_seen_by_rq_info(queue_settings: Settings) -> No
     assert (
         connection.hget(f"rq:job:{task['id']}", "description") == b"taskman echo task"
     )
-    drain(queue_settings)
+    drain_queue(queue_settings)
 
 
 def test_an_idempotency_key_holds_across_api_processes(redis_url: str) -> None:
@@ -202,7 +198,7 @@ def test_health_reports_queue_depth_and_workers(queue_settings: Settings) -> Non
         "queued": 3,
         "workers": 0,
     }
-    drain(queue_settings)
+    drain_queue(queue_settings)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
@@ -247,7 +243,7 @@ def test_a_job_is_stored_exactly_as_rq_enqueue_stores_it(
         task = client.post("/tasks", json={**body, "max_retries": max_retries}).json()
     connection = redis.Redis.from_url(str(queue_settings.redis_url))
     ours = connection.hgetall(f"rq:job:{task['id']}")
-    drain(queue_settings)
+    drain_queue(queue_settings)
 
     retry = None
     if max_retries:
@@ -416,4 +412,4 @@ def test_an_enqueue_sent_twice_queues_the_task_once(queue_settings: Settings) ->
     assert again is None
     queued = connection.lrange(queue_key, 0, -1)
     assert queued == [task["id"].encode()]
-    drain(queue_settings)
+    drain_queue(queue_settings)

@@ -25,7 +25,7 @@ from common.redis_server import EmbeddedRedis, free_port
 from common.settings import Settings
 from phase1_inprocess import create_app
 from phase3_production.ratelimit import RateLimit, storage_uri
-from tests.processes import wait_http
+from tests.processes import stop, wait_http
 
 STRATEGIES = ["moving-window", "fixed-window", "sliding-window-counter"]
 UNKNOWN_TASK = "/tasks/" + "0" * 32  # a valid id that no task has: 404, quickly
@@ -331,9 +331,7 @@ def two_api_processes(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
         yield urls
     finally:
         for server in servers:
-            server.terminate()
-        for server in servers:
-            server.wait(timeout=30)
+            stop(server, timeout=30)
 
 
 def test_two_api_processes_share_one_limit(two_api_processes: list[str]) -> None:

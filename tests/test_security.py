@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from common.settings import Settings
 from common.tasks import describe_error
 from phase2_queue.worker import run_worker, task_queue
 from tests.conftest import wait_for
-from tests.processes import taskman, wait_http
+from tests.processes import drain, stop, taskman, wait_http
 from tests.test_dashboard import RULES, concrete
 from tests.test_ratelimit import UNKNOWN_TASK, limited_app
 
@@ -148,33 +147,6 @@ def start_worker(url: str, queue: str, log: Path, **env: str) -> Any:
         env={"TASKMAN_REDIS_URL": url, "TASKMAN_QUEUE_NAME": queue, **env},
         log=log,
     )
-
-
-def stop(process: Any) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def burst_worker(url: str, queue: str, **env: str) -> str:
-    """Run our `taskman worker --burst` over the queue; its output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "taskman", "worker", "--burst"],
-        env={
-            **os.environ,
-            "TASKMAN_REDIS_URL": url,
-            "TASKMAN_QUEUE_NAME": queue,
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout + done.stderr
 
 
 def connect(url: str) -> Any:
@@ -413,7 +385,7 @@ def test_a_pickled_job_is_failed_by_our_worker_never_unpickled(
     bad_meta = json_queue.enqueue("common.tasks.echo", 1, job_id=uuid.uuid4().hex)
     connection.hset(bad_meta.key, "meta", pickle.dumps(RunsOnUnpickling(marker)))
     after = json_queue.enqueue("common.tasks.echo", "after", job_id=uuid.uuid4().hex)
-    burst_worker(redis_url, queue)
+    drain(redis_url, queue)
     assert not marker.exists()
     # Failed, not dropped; and the worker went on with the next job.
     assert connection.hget(pickled.key, "status") == b"failed"
@@ -568,7 +540,7 @@ def test_our_worker_runs_only_registered_functions_whatever_a_job_names(
         on_success=hook,
         webhooks=[Webhook(url=webhook_url, job_status="finished")],
     )
-    output = burst_worker(redis_url, queue, PYTHONPATH=str(tmp_path))
+    output = drain(redis_url, queue, PYTHONPATH=str(tmp_path))
     assert not (tmp_path / "imported").exists(), output
     assert not (tmp_path / "called").exists(), output
     assert not (tmp_path / "mkdir").exists(), output
@@ -744,7 +716,7 @@ def test_a_failed_task_reports_its_exception_line_not_the_traceback(
     with TestClient(phase2_queue.create_app(settings)) as client:
         body = {"type": "fail", "payload": {"message": message}, "max_retries": 0}
         task_id = client.post("/tasks", json=body).json()["id"]
-        burst_worker(redis_url, settings.queue_name)
+        drain(redis_url, settings.queue_name)
         task = wait_for(client, task_id)
     assert task["status"] == "failed"
     assert (
