@@ -32,8 +32,8 @@ LIMIT = 65536  # TASKMAN_MAX_BODY_BYTES, the default
 # methods it does not know, bytes past a short Content-Length. httptools (uvicorn's
 # default when installed) answers those with a plain-text 400; h11 hands them to
 # the app, whose errors are JSON. `taskman serve` keeps httptools (h11 served ~37%
-# fewer requests per second here) with its 400 answered in JSON (taskman/http.py).
-PARSER_ERRORS_IN_JSON = True
+# fewer requests per second here) with its 400 answered in JSON (taskman/http.py),
+# so those are held to the same rule as the app's.
 MAX_RSS_GROWTH = 20 * 2**20
 JSON_TYPE = "application/json"
 BOM = b"\xef\xbb\xbf"
@@ -97,7 +97,6 @@ class Probe:
     chunk_size: int | None = None  # send the body chunked, without a Content-Length
     raw: bytes | None = None  # the whole request, sent as is over a socket
     lenient: bool = False
-    parser_level: bool = False  # see PARSER_ERRORS_IN_JSON
 
 
 @dataclass
@@ -519,7 +518,7 @@ def oversized_bodies() -> Iterator[Probe]:
             headers = {"Content-Type": JSON_TYPE, "Content-Length": str(declared)}
             raw = raw_request("POST", "/tasks", body, headers)
             name = f"{size} B sent, Content-Length {declared}"
-            yield Probe(category, name, raw=raw, parser_level=True)
+            yield Probe(category, name, raw=raw)
     # The client says more than the limit: refused before a byte is read.
     for declared in (LIMIT + 1, 10**9, 2**63 - 1):
         headers = {
@@ -572,7 +571,7 @@ def methods_that_do_not_exist() -> Iterator[Probe]:
             if method not in ok:
                 raw = raw_request(method, target, headers={"Connection": "close"})
                 name = f"{method} {target}"
-                yield Probe(category, name, raw=raw, parser_level=method in unknown)
+                yield Probe(category, name, raw=raw)
     for target in [
         "/",
         "/task",
@@ -584,7 +583,7 @@ def methods_that_do_not_exist() -> Iterator[Probe]:
         for method in ("GET", "POST", "FOO"):
             raw = raw_request(method, target, headers={"Connection": "close"})
             name = f"{method} {target}"
-            yield Probe(category, name, raw=raw, parser_level=method in unknown)
+            yield Probe(category, name, raw=raw)
 
 
 def bad_idempotency_keys() -> Iterator[Probe]:
@@ -711,11 +710,7 @@ class Tally:
             problem = f"no answer: {answer!r}"
         elif status >= 500:
             problem = f"{status} {answer.body[:200]!r}"
-        elif (
-            400 <= status < 500
-            and not answer.is_json_error
-            and (PARSER_ERRORS_IN_JSON or not probe.parser_level)
-        ):
+        elif 400 <= status < 500 and not answer.is_json_error:
             what = f"{answer.content_type!r} {answer.body[:120]!r}"
             problem = f"{status} without a JSON detail: {what}"
         elif probe.lenient:

@@ -11,27 +11,30 @@ from common.process import alive, descendants
 
 
 def test_bench_quick_measures_every_phase_and_leaves_no_process(tmp_path: Path) -> None:
-    bench = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "taskman",
-            "bench",
-            "--quick",
-            "--out",
-            str(tmp_path / "results"),
-            "--charts",
-            str(tmp_path / "img"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    # To a file, not a pipe: a pipe nobody reads until the end would block the
+    # bench once its output outgrew the pipe's buffer.
+    log = tmp_path / "bench.log"
     seen: set[int] = set()
-    while bench.poll() is None:  # every process it starts, for the check below
-        seen |= descendants(bench.pid)
-        time.sleep(0.1)
-    output = bench.stdout.read() if bench.stdout else ""
+    with log.open("wb") as out:
+        bench = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskman",
+                "bench",
+                "--quick",
+                "--out",
+                str(tmp_path / "results"),
+                "--charts",
+                str(tmp_path / "img"),
+            ],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+        while bench.poll() is None:  # every process it starts, for the check below
+            seen |= descendants(bench.pid)
+            time.sleep(0.1)
+    output = log.read_text()
     assert bench.returncode == 0, output
     for row in ("| bare FastAPI |", "| phase1 |", "| phase2 |", "| phase3 |"):
         assert row in output, output
