@@ -30,17 +30,17 @@ FINISHED = ("succeeded", "failed", "canceled")
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    """A real redis-server of the suite's own, on a free port (never the machine's)."""
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the suite's own, on a free port (never the machine's);
+    TASKMAN_TEST_REDIS_URL names another to use instead."""
+    given = os.environ.get("TASKMAN_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start()
-    yield server
+    yield server.url
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    return os.environ.get("TASKMAN_TEST_REDIS_URL") or redis_server.url
 
 
 @pytest.fixture(scope="session")
