@@ -537,6 +537,19 @@ def show_processes(tour: Tour, rows: list[tuple[str, int]]) -> None:
 # --- phase 1
 
 
+def submit_mix(tour: Tour, client: httpx.Client) -> list[Watched]:
+    """One task of each kind of work: none, waiting, and two that burn CPU."""
+    pace = tour.pace
+    return [
+        tour.submit(client, "echo", {"value": "hello"}),
+        tour.submit(client, "sleep", {"seconds": pace.sleep}),
+        tour.submit(client, "primes", {"limit": pace.primes_limit}),
+        tour.submit(
+            client, "hash", {"data": "taskman", "iterations": pace.hash_iterations}
+        ),
+    ]
+
+
 def phase1(tour: Tour, workdir: Path) -> None:
     pace = tour.pace
     tour.phase(
@@ -572,16 +585,7 @@ def phase1(tour: Tour, workdir: Path) -> None:
                 "Submit a mix of tasks",
                 "echo does no work, sleep waits, primes and hash burn CPU.",
             )
-            mix = [
-                tour.submit(client, "echo", {"value": "hello"}),
-                tour.submit(client, "sleep", {"seconds": pace.sleep}),
-                tour.submit(client, "primes", {"limit": pace.primes_limit}),
-                tour.submit(
-                    client,
-                    "hash",
-                    {"data": "taskman", "iterations": pace.hash_iterations},
-                ),
-            ]
+            mix = submit_mix(tour, client)
             tour.notice(
                 "each POST answered 202 within milliseconds, before any work was "
                 "done. Now we poll GET /tasks/{id} until all four have finished:"
@@ -753,14 +757,7 @@ def phase2(tour: Tour, workdir: Path) -> None:
                 "without retries.",
             )
             mix = [
-                tour.submit(client, "echo", {"value": "hello"}),
-                tour.submit(client, "sleep", {"seconds": pace.sleep}),
-                tour.submit(client, "primes", {"limit": pace.primes_limit}),
-                tour.submit(
-                    client,
-                    "hash",
-                    {"data": "taskman", "iterations": pace.hash_iterations},
-                ),
+                *submit_mix(tour, client),
                 tour.submit(client, "flaky", {"fail_times": 2}),
                 tour.submit(client, "fail", {"message": "boom"}, max_retries=0),
             ]
