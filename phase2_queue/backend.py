@@ -105,6 +105,11 @@ class RQBackend:
         return self._redis
 
     @property
+    def batch(self) -> AutoPipeline:
+        """The hot path's shared pipelines, for phase 3's cache reads."""
+        return self._batch
+
+    @property
     def queue(self) -> Queue:
         return self._queue
 

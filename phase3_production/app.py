@@ -27,7 +27,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inner = RQBackend(settings)
         app.state.backend = CachedBackend(
             inner,
-            redis=inner.redis,
             ttl=settings.result_cache_ttl,
             retention=settings.retention_seconds,
             metrics=metrics,

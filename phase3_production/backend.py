@@ -18,8 +18,6 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from common.backend import BackendUnavailable
 from common.models import Task, TaskCreate
 from phase2_queue.backend import RQBackend, unavailable_when_redis_is_down
@@ -37,14 +35,14 @@ class CachedBackend:
     def __init__(
         self,
         inner: RQBackend,
-        redis: aioredis.Redis,
         ttl: int,
         retention: int,
         metrics: Metrics | None = None,
     ) -> None:
         self._inner = inner
         self._metrics = metrics
-        self._redis = redis
+        self._redis = inner.redis
+        self._batch = inner.batch
         self._ttl = ttl
         self._retention = retention  # RQ's result_ttl: the job itself expires then
         self._local: dict[str, tuple[float, Task]] = {}
@@ -115,10 +113,10 @@ class CachedBackend:
 
     async def _from_redis(self, task_id: str) -> Task | None:
         with unavailable_when_redis_is_down():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(_key(task_id), ["status", "task"])
-                pipe.hget(f"rq:job:{task_id}", "status")
-                (cached_status, body), live_status = await pipe.execute()
+            (cached_status, body), live_status = await self._batch.execute_commands(
+                ("HMGET", _key(task_id), "status", "task"),
+                ("HGET", f"rq:job:{task_id}", "status"),
+            )
         if body is None:
             return None
         if cached_status != live_status:  # requeued or deleted behind our back
