@@ -44,7 +44,8 @@ class BodyLimit:
 
     A declared body (Content-Length) too large is refused before it is read; one
     within the limit passes untouched, since the server delivers no more than it
-    declared. Only a streamed (chunked) body is counted as it arrives. Starlette's
+    declared. Only a streamed (chunked) body is counted as it arrives; a request
+    with neither header has no body. Starlette's
     RequestBodyLimitMiddleware counts every body, at a cost on every request, and
     answers in plain text when the route never reads the body.
     """
@@ -61,8 +62,11 @@ class BodyLimit:
                 if _too_long(value, self.max_body_size):
                     response = JSONResponse({"detail": self._detail}, status_code=413)
                     return await response(scope, receive, send)
-                return await self.app(scope, receive, send)
-        await self.app(scope, self._counted(receive), send)
+                break
+            if name == b"transfer-encoding":  # chunked: count it as it comes
+                return await self.app(scope, self._counted(receive), send)
+        # Declared within the limit, or no body at all (a GET): nothing to count.
+        await self.app(scope, receive, send)
 
     @property
     def _detail(self) -> str:
