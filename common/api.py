@@ -1,13 +1,13 @@
-"""The HTTP API of CONTRACT.md, written once for every phase.
+"""The HTTP API of docs/contract.md, written once for every phase.
 
-Routes reach the phase's backend through ``app.state.backend``; building the app
-with :func:`create_api` is the only thing a phase's ``app.py`` must do.
+Routes reach the phase's backend through ``app.state.backend``; a phase's
+``app.py`` hands :func:`create_api` a factory of its backend, and that is all.
 """
 
 import gc
 import re
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
@@ -142,25 +142,29 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "phase": phase, **facts})
 
 
-Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+BackendFactory = Callable[[Settings], TaskBackend]
 
 
-def create_api(phase: int, settings: Settings, lifespan: Lifespan) -> FastAPI:
-    """The FastAPI app every phase serves; the lifespan sets ``app.state.backend``."""
+def create_api(phase: int, settings: Settings, backend: BackendFactory) -> FastAPI:
+    """The FastAPI app every phase serves. Its lifespan builds the phase's backend
+    (in the running event loop, which a backend may need) and closes it."""
 
     @asynccontextmanager
-    async def started(app: FastAPI) -> AsyncIterator[None]:
-        async with lifespan(app):
-            # What exists now (modules, routes, models, clients) lives as long as
-            # the process. Frozen, Python's full collections stop re-scanning it:
-            # without this they cost phase 2 ~12 % of its CPU per POST.
-            gc.freeze()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.backend = backend(settings)
+        # What exists now (modules, routes, models, clients) lives as long as
+        # the process. Frozen, Python's full collections stop re-scanning it:
+        # without this they cost phase 2 ~12 % of its CPU per POST.
+        gc.freeze()
+        try:
             yield
+        finally:
+            await app.state.backend.aclose()
 
     app = FastAPI(
         title=f"taskman, phase {phase}",
         summary="An asynchronous task manager: POST a task, poll for its result.",
-        lifespan=started,
+        lifespan=lifespan,
     )
     app.state.phase = phase
     app.state.settings = settings

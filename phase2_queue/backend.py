@@ -1,25 +1,20 @@
 """Phase 2: tasks wait in Redis as plain RQ jobs; worker processes run them.
 
-The hot paths speak Redis directly through ``redis.asyncio``: a POST writes the job
-exactly as RQ's ``enqueue`` would (same hash, same queue list) in one atomic script,
-and a GET reads the job's hash and latest result in one round trip; concurrent
-requests share those round trips (autopipeline.py). The job hash is written here
-(a test holds it to RQ's own) and read back by RQ's Job and Result classes, so
-stock ``rq`` tools and workers see plain RQ jobs.
+POST enqueues an RQ job (``Queue.enqueue``), GET reads it back (``Job.fetch`` and
+its latest result), DELETE cancels it (``job.cancel``): RQ's public API, as its
+documentation shows it. Nothing lives in the API process, so a restart loses no
+task, and stock ``rq`` tools and rq-dashboard see every job.
 """
 
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, cast
 
 import anyio
 import redis
-import redis.asyncio as aioredis
-from pydantic_core import to_json
-from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
-from rq import Queue
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from rq import Retry
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import JobStatus
 from rq.results import Result
@@ -29,9 +24,14 @@ from rq.utils import now, utcformat
 from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
 from common.models import Task, TaskCreate, TaskStatus, new_task
 from common.settings import Settings
-from phase2_queue.async_redis import connect_async
-from phase2_queue.autopipeline import AutoPipeline
-from phase2_queue.worker import FUNCTIONS, TYPES, TaskJob, connect, task_queue
+from phase2_queue.jobs import (
+    FUNCTIONS,
+    JOB_TIMEOUT,
+    TYPES,
+    TaskJob,
+    connect,
+    task_queue,
+)
 
 STATUSES = {
     JobStatus.QUEUED: TaskStatus.QUEUED,
@@ -44,153 +44,104 @@ STATUSES = {
     JobStatus.CANCELED: TaskStatus.CANCELED,
 }
 
-# SET NX the idempotency key, write the job hash, push its id: all or nothing, in
-# one round trip. KEYS: the job's hash, the queue's list, the idempotency key (''
-# for none). ARGV: the job id, the idempotency record and its TTL, then the hash's
-# fields and values, flat. redis-py sends a call again when its connection fails,
-# even if the first one reached Redis: a job that exists is such a repeat, and
-# pushing its id again would run it twice. (Ids are random: a new one never exists.)
-ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-if KEYS[3] ~= '' then
-  local earlier = redis.call('GET', KEYS[3])
-  if earlier then return earlier end
-  redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('SADD', 'rq:queues', KEYS[2])
-return false
-"""
-
-JOB_TIMEOUT = 300  # seconds; the longest task (sleep) takes 60
-SMALL_CALL = 512  # bytes of JSON
-# Fields Job.to_dict() writes as "" until a worker or a callback sets them.
-UNSET_FIELDS = (
-    "success_callback_name",
-    "failure_callback_name",
-    "stopped_callback_name",
-    "started_at",
-    "ended_at",
-    "last_heartbeat",
-    "worker_name",
-    "group_id",
-)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class RQBackend:
+    """RQ and redis-py's client are synchronous: each call below runs in a worker
+    thread (``anyio.to_thread``), so that while one request waits on Redis the
+    event loop serves the others. That hand-off is most of what a request costs
+    here; phase 3's engine room talks to Redis from the loop instead."""
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        # RQ itself is sync: cancel (not a hot path) uses it from a thread.
-        self._sync = connect(settings)
-        self._queue = task_queue(settings, self._sync)
-        assert settings.redis_url
-        self._redis = connect_async(settings.redis_url)
-        self._enqueue_sha = self._redis.register_script(ENQUEUE).sha
-        self._batch = AutoPipeline(self._redis)
-        # What every job of ours has in common, as Job.to_dict() writes it.
-        fixed = {
-            **dict.fromkeys(UNSET_FIELDS, ""),
-            "origin": self._queue.name,
-            "status": JobStatus.QUEUED.value,
-            "timeout": JOB_TIMEOUT,
-            "result_ttl": settings.retention_seconds,
-            "failure_ttl": settings.retention_seconds,
-        }
-        self._fixed_fields = [item for field in fixed.items() for item in field]
-
-    @property
-    def redis(self) -> aioredis.Redis:
-        """The async client, for layers that phase 3 adds on top."""
-        return self._redis
-
-    @property
-    def batch(self) -> AutoPipeline:
-        """The hot path's shared pipelines, for phase 3's cache reads."""
-        return self._batch
-
-    @property
-    def queue(self) -> Queue:
-        return self._queue
+        self._redis = connect(settings)
+        self._queue = task_queue(settings, self._redis)
 
     async def submit(
         self, request: TaskCreate, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
-        task = new_task(request, self._settings.max_retries)
-        fingerprint = request.fingerprint() if idempotency_key else ""
-        key = f"taskman:idempotency:{idempotency_key}" if idempotency_key else ""
-        with unavailable_when_redis_is_down():
-            earlier = await self._run_enqueue(
-                f"rq:job:{task.id}",
-                self._queue.key,
-                key,
-                task.id,
-                f"{fingerprint} {task.id}",
-                self._settings.idempotency_ttl,
-                *self._job_hash(task),
-            )
-        if earlier:
-            earlier_fingerprint, earlier_id = earlier.decode().split(" ")
-            if earlier_fingerprint != fingerprint:
-                raise IdempotencyConflict("Idempotency-Key was used with another body")
-            found = await self.get(earlier_id)
-            if found is not None:
-                return found, False
-            # The first task has expired: forget the key and start afresh.
-            await self._redis.delete(key)
-            return await self.submit(request, idempotency_key)
-        return task, True
+        return await _off_the_loop(self._submit, request, idempotency_key)
 
-    async def _run_enqueue(self, *keys_and_args: Any) -> Any:
-        """ENQUEUE by its digest, batched with other requests' (see autopipeline.py).
-        A Redis that restarted has forgotten the script: load it and go again."""
-        command = ("EVALSHA", self._enqueue_sha, 3, *keys_and_args)
-        try:
-            return await self._batch.execute_command(*command)
-        except NoScriptError:
-            await self._redis.script_load(ENQUEUE)
-            return await self._batch.execute_command(*command)
+    def _submit(
+        self, request: TaskCreate, idempotency_key: str | None
+    ) -> tuple[Task, bool]:
+        task = new_task(request, self._settings.max_retries)
+        if idempotency_key is None:
+            return to_task(self._enqueue(task), None), True
+        # The key and the job go in one transaction (MULTI/EXEC), watched: if
+        # another request takes the key meanwhile, go again and find its task.
+        key = f"taskman:idempotency:{idempotency_key}"
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
+                    earlier = self._repeat(pipe.get(key), request)
+                    if earlier is not None:
+                        return earlier, False
+                    pipe.multi()
+                    record = f"{request.fingerprint()} {task.id}"
+                    pipe.set(key, record, ex=self._settings.idempotency_ttl)
+                    job = self._enqueue(task, pipeline=pipe)
+                    pipe.execute()
+                    return to_task(job, None), True
+                except redis.WatchError:
+                    continue
+
+    def _enqueue(self, task: Task, pipeline: Any = None) -> TaskJob:
+        retries = task.max_retries
+        delays = [self._settings.retry_delay(n) for n in range(1, retries + 1)]
+        job = self._queue.enqueue(
+            FUNCTIONS[task.type],  # a dotted path: the worker imports it
+            kwargs=task.payload,  # explicit, so no payload field is taken for an option
+            job_id=task.id,
+            meta={"max_retries": retries},
+            # RQ types the intervals as int; it stores and waits floats just as well.
+            retry=Retry(max=retries, interval=delays) if retries else None,  # type: ignore[arg-type]
+            job_timeout=JOB_TIMEOUT,
+            result_ttl=self._settings.retention_seconds,
+            failure_ttl=self._settings.retention_seconds,
+            # A fixed, safe description: rq-dashboard renders it unescaped.
+            description=f"taskman {task.type} task",
+            pipeline=pipeline,
+        )
+        return cast(TaskJob, job)  # the queue's job_class
+
+    def _repeat(self, record: Any, request: TaskCreate) -> Task | None:
+        """The task an earlier request with this key created, if it still exists."""
+        if record is None:
+            return None
+        fingerprint, task_id = record.decode().split(" ")
+        if fingerprint != request.fingerprint():
+            raise IdempotencyConflict("Idempotency-Key was used with another body")
+        return self._get(task_id)  # expired: the key starts afresh
 
     async def get(self, task_id: str) -> Task | None:
-        with unavailable_when_redis_is_down():
-            # One round trip, shared with other requests' (see autopipeline.py).
-            raw, results = await self._batch.execute_commands(
-                ("HGETALL", f"rq:job:{task_id}"),
-                ("XREVRANGE", f"rq:results:{task_id}", "+", "-", "COUNT", 1),
-            )
-        if not raw or b"data" not in raw:
-            return None
-        job = TaskJob(task_id, connection=self._sync, serializer=JSONSerializer)
+        return await _off_the_loop(self._get, task_id)
+
+    def _get(self, task_id: str) -> Task | None:
         try:
-            job.restore(raw)
-            latest = None
-            if results:
-                result_id, payload = results[0]
-                latest = Result.restore(
-                    task_id,
-                    result_id.decode(),
-                    payload,
-                    connection=self._sync,
-                    serializer=JSONSerializer,
-                )
-            return _task(job, latest)
-        except DeserializationError:
+            job = TaskJob.fetch(
+                task_id, connection=self._redis, serializer=JSONSerializer
+            )
+            return to_task(cast(TaskJob, job), job.latest_result())
+        except (NoSuchJobError, DeserializationError):
             return None  # not JSON (a pickled job, say): not one of our tasks
 
     async def cancel(self, task_id: str) -> Task | None:
-        with unavailable_when_redis_is_down():
-            canceled = await anyio.to_thread.run_sync(self._cancel, task_id)
+        canceled = await _off_the_loop(self._cancel, task_id)
         return await self.get(task_id) if canceled else None
 
     def _cancel(self, task_id: str) -> bool:
         """RQ's own cancel, in a transaction that fails if the job changes meanwhile."""
-        with self._sync.pipeline() as pipe:
+        with self._redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(f"rq:job:{task_id}")  # type: ignore[no-untyped-call]
                     try:
                         job = TaskJob.fetch(
-                            task_id, connection=self._sync, serializer=JSONSerializer
+                            task_id, connection=self._redis, serializer=JSONSerializer
                         )
                         job.kwargs  # noqa: B018  # not JSON: not one of ours
                     except (NoSuchJobError, DeserializationError):
@@ -209,52 +160,29 @@ class RQBackend:
                     continue
 
     async def health(self) -> dict[str, Any]:
-        with unavailable_when_redis_is_down():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.ping()
-                pipe.llen(self._queue.key)
-                pipe.scard(f"rq:workers:{self._settings.queue_name}")
-                _, queued, workers = await pipe.execute()
+        return await _off_the_loop(self._health)
+
+    def _health(self) -> dict[str, Any]:
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.llen(self._queue.key)
+            pipe.scard(f"rq:workers:{self._settings.queue_name}")
+            _, queued, workers = pipe.execute()
         return {"redis": "ok", "queued": queued, "workers": workers}
 
     async def aclose(self) -> None:
-        await self._batch.aclose()
-        await self._redis.aclose()
-        self._sync.close()
-
-    def _job_hash(self, task: Task) -> list[Any]:
-        """The hash RQ's ``Queue.enqueue`` writes for this job (``Job.to_dict()``),
-        as a flat list of fields and values.
-
-        Built directly: RQ's ``Job.create`` and ``to_dict`` cost ~50 µs a job, as much
-        as all the rest of a POST. tests/test_phase2.py holds it to RQ's own, field
-        by field, so an RQ upgrade that changes the format fails a test, not a job.
-        """
-        # The call as RQ's JSONSerializer reads it: function, instance, args, kwargs.
-        # (pydantic's to_json: the same JSON, less spaces, in a fifth of the time.)
-        call = to_json([FUNCTIONS[task.type], None, [], task.payload])
-        # RQ's utcformat(), without strftime's cost.
-        moment = (
-            task.created_at.replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
-        )
-        fields = [
-            *self._fixed_fields,
-            *("data", _compress(call)),
-            *("created_at", moment, "enqueued_at", moment),
-            # A fixed, safe description: rq-dashboard renders it unescaped.
-            *("description", f"taskman {task.type} task"),
-            *("meta", f'{{"max_retries": {task.max_retries}}}'),
-        ]
-        if task.max_retries:
-            delays = [
-                self._settings.retry_delay(n) for n in range(1, task.max_retries + 1)
-            ]
-            fields += ("retries_left", task.max_retries)
-            fields += ("retry_intervals", to_json(delays))
-        return fields
+        self._redis.close()
 
 
-def _task(job: TaskJob, latest: Result | None) -> Task:
+async def _off_the_loop(
+    function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run a blocking RQ call in a thread, Redis trouble answered as a 503."""
+    with unavailable_when_redis_is_down():
+        return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs))
+
+
+def to_task(job: TaskJob, latest: Result | None) -> Task:
     status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
     if status is TaskStatus.QUEUED and job.attempts:
         status = TaskStatus.RETRYING  # back in the queue after a failed attempt
@@ -296,17 +224,6 @@ def _short_error(exc_string: str, job: TaskJob) -> str:
             return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
         found = lines[-1] if lines else "error"
     return found[:500]
-
-
-def _compress(data: bytes) -> bytes:
-    """In zlib's format, as RQ's zlib.decompress() expects. zlib.compress() first
-    sets up a 32 KiB window and its tables: ~30 µs of CPU on this machine, for a
-    call of 50 bytes that it cannot make any smaller. A small call is stored as
-    it is (level 0, a 512-byte window: under 1 µs); a large one is compressed."""
-    if len(data) > SMALL_CALL:
-        return zlib.compress(data)
-    compressor = zlib.compressobj(0, zlib.DEFLATED, 9, 1)
-    return compressor.compress(data) + compressor.flush()
 
 
 def _utc(moment: datetime | None) -> datetime | None:

@@ -1,20 +1,18 @@
 """Phase 3: phase 2's queue and workers, plus rate limits, the dashboard, a result
-cache and metrics: each one a layer around the same app."""
-
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+cache and metrics: each one a layer around the same app, over the engine room."""
 
 from fastapi import FastAPI
 
 from common.api import create_api
+from common.backend import TaskBackend
 from common.settings import Settings
-from phase2_queue.backend import RQBackend
-from phase2_queue.worker import read_outcomes
-from phase3_production.backend import CachedBackend
+from phase3_production.backend import FastRQBackend
+from phase3_production.cache import CachedBackend
 from phase3_production.dashboard import mount_dashboard
 from phase3_production.http_cache import HTTPCache
-from phase3_production.metrics import Metrics, install_metrics
+from phase3_production.metrics import CountedBackend, Metrics, install_metrics
 from phase3_production.ratelimit import RateLimit
+from phase3_production.worker import read_outcomes
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,23 +20,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        inner = RQBackend(settings)
-        app.state.backend = CachedBackend(
-            inner,
+    def backend(settings: Settings) -> TaskBackend:
+        rq = FastRQBackend(settings)
+        metrics.track_queue_depth(lambda: rq.queue.count)
+        metrics.track_outcomes(lambda: read_outcomes(rq.queue.connection))
+        cached = CachedBackend(
+            rq,
+            rq.redis,
+            rq.batch,
             ttl=settings.result_cache_ttl,
             retention=settings.retention_seconds,
-            metrics=metrics,
         )
-        metrics.track_queue_depth(lambda: inner.queue.count)
-        metrics.track_outcomes(lambda: read_outcomes(inner.queue.connection))
-        try:
-            yield
-        finally:
-            await app.state.backend.aclose()
+        return CountedBackend(cached, metrics)
 
-    app = create_api(phase=3, settings=settings, lifespan=lifespan)
+    app = create_api(phase=3, settings=settings, backend=backend)
     # Middleware added last runs first: metrics, then the rate limit, then the
     # HTTP side of the cache, then the routes.
     app.add_middleware(HTTPCache)

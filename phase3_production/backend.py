@@ -1,156 +1,102 @@
-"""Phase 3: phase 2's RQ backend behind a result cache for finished tasks.
+"""Phase 3: phase 2's RQ backend, its hot paths rebuilt in the engine room.
 
-A finished task changes only if someone acts on Redis behind our back (a requeue or
-delete in rq-dashboard), so it is worth caching, in two layers:
-- in Redis, shared by every API process: the task's JSON with the job status it was
-  cached at. One round trip reads the entry *and* the job's live status; if they
-  differ, the entry is dropped. So this layer is never stale.
-- in this process, for at most ``LOCAL_SECONDS``: no round trip at all. This is the
-  only layer that can be stale, by at most that long.
-Entries never outlive RQ's own result TTL, and concurrent misses for one task share
-a single backend read (no stampede when many clients poll a task that just finished).
+The jobs are the same plain RQ jobs; only the way to Redis changes. POST is one
+script (enqueue.py), GET one round trip for the job and its latest result, both
+from the event loop (redis_client.py) and batched with other requests'
+(autopipeline.py): no thread hand-off, no RQ objects built to be thrown away.
+DELETE, rare and subtle, stays phase 2's.
 """
 
-import asyncio
-import contextlib
-import time
-from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import Any
 
-from common.backend import BackendUnavailable
-from common.models import Task, TaskCreate
-from phase2_queue.backend import RQBackend, unavailable_when_redis_is_down
-from phase3_production.metrics import Metrics
+from rq import Queue
+from rq.exceptions import DeserializationError
+from rq.results import Result
+from rq.serializers import JSONSerializer
 
-# Bounded staleness of the in-process layer (the contract allows 2 s).
-LOCAL_SECONDS = 1.0
+from common.backend import IdempotencyConflict
+from common.models import Task, TaskCreate, new_task
+from common.settings import Settings
+from phase2_queue.backend import RQBackend, to_task, unavailable_when_redis_is_down
+from phase2_queue.jobs import TaskJob
+from phase3_production.autopipeline import AutoPipeline
+from phase3_production.enqueue import Enqueue
+from phase3_production.redis_client import connect_async
 
-# Where the last get() in this request found its answer: "HIT" or "MISS". The
-# X-Cache header is set from it (see http_cache.py).
-cache_outcome: ContextVar[str | None] = ContextVar("cache_outcome", default=None)
 
+class FastRQBackend(RQBackend):
+    """Phase 2's backend with the engine room's submit, get and health."""
 
-class CachedBackend:
-    def __init__(
-        self,
-        inner: RQBackend,
-        ttl: int,
-        retention: int,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._inner = inner
-        self._metrics = metrics
-        self._redis = inner.redis
-        self._batch = inner.batch
-        self._ttl = ttl
-        self._retention = retention  # RQ's result_ttl: the job itself expires then
-        self._local: dict[str, tuple[float, Task]] = {}
-        self._inflight: dict[str, asyncio.Future[Task | None]] = {}
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        assert settings.redis_url  # connect() in super() has checked it
+        self.redis = connect_async(settings.redis_url)
+        self.batch = AutoPipeline(self.redis)  # the cache reads through it too
+        self._enqueue_script = Enqueue(settings, self._queue.name, self.batch)
+
+    @property
+    def queue(self) -> Queue:
+        """RQ's queue, for the metrics (its depth) and the worker counts."""
+        return self._queue
 
     async def submit(
         self, request: TaskCreate, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
-        task, created = await self._inner.submit(request, idempotency_key)
-        if created and self._metrics:
-            self._metrics.count_task("submitted", task.type)
-        return task, created
+        task = new_task(request, self._settings.max_retries)
+        fingerprint = request.fingerprint() if idempotency_key else ""
+        key = f"taskman:idempotency:{idempotency_key}" if idempotency_key else ""
+        with unavailable_when_redis_is_down():
+            earlier = await self._enqueue_script(task, key, f"{fingerprint} {task.id}")
+        if earlier:
+            earlier_fingerprint, earlier_id = earlier.decode().split(" ")
+            if earlier_fingerprint != fingerprint:
+                raise IdempotencyConflict("Idempotency-Key was used with another body")
+            found = await self.get(earlier_id)
+            if found is not None:
+                return found, False
+            # The first task has expired: forget the key and start afresh.
+            with unavailable_when_redis_is_down():
+                await self.redis.delete(key)
+            return await self.submit(request, idempotency_key)
+        return task, True
 
     async def get(self, task_id: str) -> Task | None:
-        local = self._local.get(task_id)
-        if local is not None and local[0] > time.monotonic():
-            self._outcome(hit=True)
-            return local[1]
-        cached = await self._from_redis(task_id)
-        if cached is not None:
-            self._outcome(hit=True)
-            self._remember(cached)
-            return cached
-        self._outcome(hit=False)
-        # One read per task however many requests miss at once.
-        if task_id in self._inflight:
-            return await asyncio.shield(self._inflight[task_id])
-        future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
-        self._inflight[task_id] = future
+        with unavailable_when_redis_is_down():
+            # One round trip, shared with other requests' (see autopipeline.py).
+            raw, results = await self.batch.execute_commands(
+                ("HGETALL", f"rq:job:{task_id}"),
+                ("XREVRANGE", f"rq:results:{task_id}", "+", "-", "COUNT", 1),
+            )
+        if not raw or b"data" not in raw:
+            return None
+        # What Job.fetch() and job.latest_result() do with these replies.
+        job = TaskJob(task_id, connection=self._redis, serializer=JSONSerializer)
         try:
-            task = await self._inner.get(task_id)
-            if task is not None and task.status.finished:
-                # Redis refusing writes (full?) means no cache entry, not an error.
-                with contextlib.suppress(BackendUnavailable):
-                    await self._store(task)
-
-            future.set_result(task)
-            return task
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # mark it retrieved: no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[task_id]
-
-    async def cancel(self, task_id: str) -> Task | None:
-        await self.invalidate(task_id)
-        task = await self._inner.cancel(task_id)
-        if task is not None and self._metrics:
-            self._metrics.count_task("canceled", task.type)
-        return task
+            job.restore(raw)
+            latest = None
+            if results:
+                result_id, payload = results[0]
+                latest = Result.restore(
+                    task_id,
+                    result_id.decode(),
+                    payload,
+                    connection=self._redis,
+                    serializer=JSONSerializer,
+                )
+            return to_task(job, latest)
+        except DeserializationError:
+            return None  # not JSON (a pickled job, say): not one of our tasks
 
     async def health(self) -> dict[str, Any]:
-        return await self._inner.health()
+        with unavailable_when_redis_is_down():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.llen(self._queue.key)
+                pipe.scard(f"rq:workers:{self._settings.queue_name}")
+                _, queued, workers = await pipe.execute()
+        return {"redis": "ok", "queued": queued, "workers": workers}
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def _outcome(self, hit: bool) -> None:
-        cache_outcome.set("HIT" if hit else "MISS")
-        if self._metrics:
-            self._metrics.count_cache(hit)
-
-    async def invalidate(self, task_id: str) -> None:
-        self._local.pop(task_id, None)
-        with unavailable_when_redis_is_down():
-            await self._redis.delete(_key(task_id))
-
-    async def _from_redis(self, task_id: str) -> Task | None:
-        with unavailable_when_redis_is_down():
-            (cached_status, body), live_status = await self._batch.execute_commands(
-                ("HMGET", _key(task_id), "status", "task"),
-                ("HGET", f"rq:job:{task_id}", "status"),
-            )
-        if body is None:
-            return None
-        if cached_status != live_status:  # requeued or deleted behind our back
-            await self.invalidate(task_id)
-            return None
-        return Task.model_validate_json(body)
-
-    async def _store(self, task: Task) -> None:
-        assert task.finished_at is not None
-        finished = task.finished_at.replace(tzinfo=task.finished_at.tzinfo or UTC)
-        left = self._retention - (datetime.now(UTC) - finished).total_seconds()
-        ttl = int(min(self._ttl, left))
-        if ttl <= 0:
-            return
-        live = {"succeeded": "finished", "failed": "failed", "canceled": "canceled"}
-        with unavailable_when_redis_is_down():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    _key(task.id),
-                    mapping={
-                        "status": live[task.status],
-                        "task": task.model_dump_json(),
-                    },
-                )
-                pipe.expire(_key(task.id), ttl)
-                await pipe.execute()
-        self._remember(task)
-
-    def _remember(self, task: Task) -> None:
-        if len(self._local) > 10_000:  # bounded: drop the oldest half
-            for key in list(self._local)[:5_000]:
-                del self._local[key]
-        self._local[task.id] = (time.monotonic() + LOCAL_SECONDS, task)
-
-
-def _key(task_id: str) -> str:
-    return f"taskman:cache:{task_id}"
+        await self.batch.aclose()
+        await self.redis.aclose()
+        await super().aclose()

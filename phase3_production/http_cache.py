@@ -9,7 +9,7 @@ import hashlib
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phase3_production.backend import cache_outcome
+from phase3_production.cache import cache_outcome
 
 
 class HTTPCache:

@@ -18,7 +18,10 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.backend import TaskBackend
+from common.models import Task, TaskCreate
 from common.tasks import TASKS
+from phase3_production.cache import cache_outcome
 
 log = logging.getLogger("taskman")
 
@@ -91,7 +94,7 @@ class Metrics:
         self.registry.register(_Outcomes(self))
 
     def count_task(self, event: TaskEvent, task_type: str) -> None:
-        """One task event: the backend calls this as it learns of each."""
+        """One task event: CountedBackend calls this as it learns of each."""
         self.tasks.labels(event, task_type).inc()
 
     def count_rate_limited(self, limit: str) -> None:
@@ -126,6 +129,42 @@ class Metrics:
         """The registry in the format the scraper asked for, and its media type."""
         encoder, media_type = choose_encoder(accept)
         return encoder(self.registry), media_type
+
+
+class CountedBackend:
+    """Any backend, its task events and cache outcomes counted in ``metrics``."""
+
+    def __init__(self, inner: TaskBackend, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def submit(
+        self, request: TaskCreate, idempotency_key: str | None = None
+    ) -> tuple[Task, bool]:
+        task, created = await self._inner.submit(request, idempotency_key)
+        if created:
+            self._metrics.count_task("submitted", task.type)
+        return task, created
+
+    async def get(self, task_id: str) -> Task | None:
+        cache_outcome.set(None)
+        task = await self._inner.get(task_id)
+        outcome = cache_outcome.get()  # set by the cache, if there is one
+        if outcome is not None:
+            self._metrics.count_cache(outcome == "HIT")
+        return task
+
+    async def cancel(self, task_id: str) -> Task | None:
+        task = await self._inner.cancel(task_id)
+        if task is not None:
+            self._metrics.count_task("canceled", task.type)
+        return task
+
+    async def health(self) -> dict[str, Any]:
+        return await self._inner.health()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class _Outcomes(Collector):

@@ -27,8 +27,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
-from phase2_queue.async_redis import connect_async
-from phase2_queue.autopipeline import AutoPipeline
+from phase3_production.autopipeline import AutoPipeline
+from phase3_production.redis_client import connect_async
 
 log = logging.getLogger("taskman")
 

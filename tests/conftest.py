@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from common.redis_server import EmbeddedRedis
 from common.settings import Settings
+from taskman.redis_server import EmbeddedRedis
 
 PHASES = [
     pytest.param("phase1_inprocess", id="phase1"),
@@ -43,29 +43,58 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def rq_workers(redis_url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """CAPACITY real ``taskman worker`` processes on the suite's Redis."""
-    env = {**os.environ, "TASKMAN_REDIS_URL": redis_url}
-    workers = [
+# Each queued phase has its own queue and its own workers: phase 3's tests run on
+# phase 3's worker (the engine room's), phase 2's on plain RQ's.
+QUEUES = {"phase2_queue": "taskman", "phase3_production": "taskman3"}
+
+
+def _start_workers(redis_url: str, phase: str) -> list[subprocess.Popen[bytes]]:
+    """CAPACITY real ``taskman worker`` processes of a phase, on the suite's Redis."""
+    env = {
+        **os.environ,
+        "TASKMAN_REDIS_URL": redis_url,
+        "TASKMAN_QUEUE_NAME": QUEUES[phase],
+    }
+    number = phase.removeprefix("phase")[0]
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "taskman", "worker", "--phase", "2"],
+            [sys.executable, "-m", "taskman", "worker", "--phase", number],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for _ in range(CAPACITY)
     ]
-    yield workers
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
     for worker in workers:
         worker.kill()
         worker.wait()
 
 
+@pytest.fixture(scope="session")
+def rq_workers(redis_url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Phase 2's workers, on the default queue."""
+    workers = _start_workers(redis_url, "phase2_queue")
+    yield workers
+    _stop_workers(workers)
+
+
+@pytest.fixture(scope="session")
+def rq_workers_phase3(redis_url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Phase 3's workers, on a queue of their own."""
+    workers = _start_workers(redis_url, "phase3_production")
+    yield workers
+    _stop_workers(workers)
+
+
 @pytest.fixture(params=PHASES)
 def phase(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param != "phase1_inprocess":
+    if request.param == "phase2_queue":
         request.getfixturevalue("rq_workers")
+    elif request.param == "phase3_production":
+        request.getfixturevalue("rq_workers_phase3")
     return importlib.import_module(request.param)
 
 
@@ -82,6 +111,7 @@ def settings(phase: ModuleType, request: pytest.FixtureRequest) -> Settings:
     }
     if phase.__name__ != "phase1_inprocess":
         values["redis_url"] = request.getfixturevalue("redis_url")
+        values["queue_name"] = QUEUES[phase.__name__]
     if phase.__name__ == "phase3_production":
         # The contract tests are not about limits: keep them out of the way.
         values["rate_limit_submit"] = values["rate_limit_read"] = "100000/second"

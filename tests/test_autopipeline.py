@@ -11,9 +11,9 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from common.redis_server import EmbeddedRedis, free_port
-from phase2_queue.async_redis import connect_async
-from phase2_queue.autopipeline import AutoPipeline
+from phase3_production.redis_client import connect_async
+from phase3_production.autopipeline import AutoPipeline
+from taskman.redis_server import EmbeddedRedis, free_port
 
 
 @asynccontextmanager

@@ -13,9 +13,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase3_production import create_app
+from taskman.redis_server import EmbeddedRedis
 from tests.conftest import submit
 from tests.processes import drain_queue
 
@@ -49,7 +49,7 @@ def test_a_finished_task_is_served_from_the_cache(
     assert not redis.Redis.from_url(str(settings.redis_url)).exists(
         f"taskman:cache:{task['id']}"
     )
-    drain_queue(settings)
+    drain_queue(settings, phase=3)
     first = client.get(f"/tasks/{task['id']}")
     second = client.get(f"/tasks/{task['id']}")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
@@ -63,7 +63,7 @@ def test_an_unfinished_task_is_never_cached(
     task = submit(client, "echo", value=1)
     for _ in range(3):
         assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "MISS"
-    drain_queue(settings)
+    drain_queue(settings, phase=3)
 
 
 def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
@@ -75,7 +75,7 @@ def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
     )
     with TestClient(create_app(settings)) as client:
         task = submit(client, "echo", value=1)
-        drain_queue(settings)
+        drain_queue(settings, phase=3)
         client.get(f"/tasks/{task['id']}")
     ttl = redis.Redis.from_url(redis_url).ttl(f"taskman:cache:{task['id']}")
     assert 0 < ttl <= 5
@@ -85,7 +85,7 @@ def test_a_dashboard_requeue_shows_within_two_seconds(
     client: TestClient, settings: Settings
 ) -> None:
     task = submit(client, "fail", message="first", max_retries=0)
-    drain_queue(settings)
+    drain_queue(settings, phase=3)
     assert client.get(f"/tasks/{task['id']}").json()["status"] == "failed"
     assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "HIT"
     # rq-dashboard's own requeue route writes to Redis behind the API's back.
@@ -96,7 +96,7 @@ def test_a_dashboard_requeue_shows_within_two_seconds(
         assert time.monotonic() - requeued_at < 2, "stale cache after a requeue"
         time.sleep(0.05)
     assert status == "retrying"  # back in the queue, after one failed attempt
-    drain_queue(settings)
+    drain_queue(settings, phase=3)
 
 
 def test_delete_shows_canceled_at_once(client: TestClient) -> None:
@@ -113,7 +113,7 @@ def test_etag_and_304_let_a_poller_skip_the_body(
     client: TestClient, settings: Settings
 ) -> None:
     task = submit(client, "echo", value="body")
-    drain_queue(settings)
+    drain_queue(settings, phase=3)
     first = client.get(f"/tasks/{task['id']}")
     etag = first.headers["etag"]
     again = client.get(f"/tasks/{task['id']}", headers={"If-None-Match": etag})
@@ -137,7 +137,7 @@ def test_many_pollers_of_a_just_finished_task_cause_one_backend_read(
         app = create_app(settings)
         with TestClient(app) as client:
             task = submit(client, "echo", value="hot")
-        drain_queue(settings)
+        drain_queue(settings, phase=3)
         server = redis.Redis.from_url(url)
         server.config_resetstat()
 

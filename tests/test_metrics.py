@@ -232,7 +232,7 @@ def test_phase3_metrics_move_as_real_tasks_run(redis_url: str) -> None:
             )
         ]
         assert value(scrape(client), "taskman_queue_depth") == 3
-        drain_queue(settings)
+        drain_queue(settings, phase=3)
         for task_id in ids:
             client.get(f"/tasks/{task_id}")
             client.get(f"/tasks/{task_id}")

@@ -11,22 +11,17 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from rq import Queue, Retry
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
 import phase3_production
-from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from phase2_queue import create_app
-from phase2_queue.backend import ENQUEUE, JOB_TIMEOUT
+from taskman.redis_server import EmbeddedRedis
 from tests.conftest import submit, wait_for
 from tests.processes import drain_queue
 
@@ -232,102 +227,6 @@ def test_delayed_retries_run_after_the_scheduler_worker_stops(
                 worker.wait()
 
 
-@pytest.mark.parametrize("max_retries", [0, 3])
-def test_a_job_is_stored_exactly_as_rq_enqueue_stores_it(
-    queue_settings: Settings, max_retries: int
-) -> None:
-    """The POST writes the job hash itself (RQ's Job.create is slow): field for
-    field, it must be what RQ's own enqueue writes for the same call."""
-    with TestClient(create_app(queue_settings)) as client:
-        body = {"type": "echo", "payload": {"value": [1, "é"]}}
-        task = client.post("/tasks", json={**body, "max_retries": max_retries}).json()
-    connection = redis.Redis.from_url(str(queue_settings.redis_url))
-    ours = connection.hgetall(f"rq:job:{task['id']}")
-    drain_queue(queue_settings)
-
-    retry = None
-    if max_retries:
-        # queue_settings waits 0 s before a retry: no jitter can stretch that.
-        retry = Retry(max=max_retries, interval=[0.0] * max_retries)
-    queue = Queue(queue_settings.queue_name, connection=connection)
-    job = Job.create(
-        "common.tasks.echo",
-        kwargs=body["payload"],
-        connection=connection,
-        id=task["id"],
-        serializer=JSONSerializer,
-        description="taskman echo task",
-        timeout=JOB_TIMEOUT,
-        result_ttl=queue_settings.retention_seconds,
-        failure_ttl=queue_settings.retention_seconds,
-        retry=retry,
-        meta={"max_retries": max_retries},
-        origin=queue.name,
-        status=JobStatus.QUEUED,
-    )
-    job.created_at = job.enqueued_at = datetime.fromisoformat(task["created_at"])
-    # What redis-py writes for each value RQ hands it.
-    theirs = {
-        name.encode(): value if isinstance(value, bytes) else str(value).encode()
-        for name, value in job.to_dict().items()
-    }
-    theirs[b"status"] = JobStatus.QUEUED.value.encode()
-    ours.pop(b"attempts", None)
-    assert ours.keys() == theirs.keys()
-    # JSON fields: compare what they say, not their spacing (nor the compression).
-    data = [zlib.decompress(fields.pop(b"data")) for fields in (ours, theirs)]
-    assert json.loads(data[0]) == json.loads(data[1])
-    intervals = [fields.pop(b"retry_intervals", b"null") for fields in (ours, theirs)]
-    assert json.loads(intervals[0]) == json.loads(intervals[1])
-    assert ours == theirs
-
-
-def rq_cli(settings: Settings, *args: str) -> None:
-    rq = str(Path(sys.executable).parent / "rq")
-    url = ["--url", str(settings.redis_url)]
-    subprocess.run([rq, *args, *url], check=True, capture_output=True, timeout=30)
-
-
-def test_the_worker_skips_round_trips_but_not_what_rq_tools_show(
-    queue_settings: Settings,
-) -> None:
-    """Our worker writes its state and heartbeat less often than RQ's: rq info and
-    the dashboard must still see busy and idle, and `rq suspend` must still hold
-    it back from new jobs."""
-    connection = redis.Redis.from_url(str(queue_settings.redis_url))
-
-    def states() -> set[bytes]:
-        keys = connection.smembers(f"rq:workers:{queue_settings.queue_name}")
-        return {connection.hget(key, "state") or b"" for key in keys}
-
-    worker = start_worker(queue_settings)
-    try:
-        with TestClient(create_app(queue_settings)) as client:
-            task = submit(client, "sleep", seconds=1)
-            wait_for(client, task["id"], "running")
-            assert states() == {b"busy"}
-            wait_for(client, task["id"])
-            deadline = time.monotonic() + 5
-            while states() != {b"idle"} and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert states() == {b"idle"}
-
-            # A suspended worker finishes its job, then takes no other.
-            busy = submit(client, "sleep", seconds=1.5)
-            wait_for(client, busy["id"], "running")
-            rq_cli(queue_settings, "suspend")
-            held = submit(client, "echo", value="held")
-            wait_for(client, busy["id"])
-            time.sleep(1.5)
-            assert client.get(f"/tasks/{held['id']}").json()["status"] == "queued"
-            rq_cli(queue_settings, "resume")
-            assert wait_for(client, held["id"])["status"] == "succeeded"
-    finally:
-        rq_cli(queue_settings, "resume")
-        worker.kill()
-        worker.wait()
-
-
 @pytest.mark.parametrize(
     "data",
     [
@@ -395,21 +294,3 @@ def test_a_redis_refusing_writes_is_503_and_reads_still_work(
     finally:
         worker.kill()
         worker.wait()
-
-
-def test_an_enqueue_sent_twice_queues_the_task_once(queue_settings: Settings) -> None:
-    """redis-py repeats a call whose connection failed, even if the call had reached
-    Redis: the enqueue script must leave one job, queued once."""
-    connection = redis.Redis.from_url(str(queue_settings.redis_url))
-    with TestClient(create_app(queue_settings)) as client:
-        task = submit(client, "echo", value="once")
-    job_key = f"rq:job:{task['id']}"
-    queue_key = f"rq:queue:{queue_settings.queue_name}"
-    flat = [item for pair in connection.hgetall(job_key).items() for item in pair]
-    again = connection.eval(
-        ENQUEUE, 3, job_key, queue_key, "", task["id"], f" {task['id']}", 60, *flat
-    )
-    assert again is None
-    queued = connection.lrange(queue_key, 0, -1)
-    assert queued == [task["id"].encode()]
-    drain_queue(queue_settings)

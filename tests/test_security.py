@@ -31,10 +31,11 @@ from rq.webhook import Webhook
 
 import phase2_queue
 import phase3_production
-from common.redis_server import EmbeddedRedis, free_port
 from common.settings import Settings
 from common.tasks import describe_error
-from phase2_queue.worker import run_worker, task_queue
+from phase2_queue.jobs import task_queue
+from phase2_queue.worker import run_worker
+from taskman.redis_server import EmbeddedRedis, free_port
 from tests.conftest import wait_for
 from tests.processes import drain, stop, taskman, wait_http
 from tests.test_dashboard import RULES, concrete
@@ -93,7 +94,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 @pytest.fixture(scope="module")
 def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRedis]:
     """requirepass for the default user; alice may do all that our services do
-    (SECURITY.md's ACL: nothing @dangerous, e.g. CONFIG or MODULE), bob no Lua."""
+    (SECURITY.md's ACL: nothing @dangerous, e.g. CONFIG or MODULE), bob neither
+    Lua nor RPUSH."""
     port = free_port()
     everything = "on ~* &* +@all -@dangerous"
     server = EmbeddedRedis(
@@ -102,7 +104,7 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRedis]
         extra_args=(
             f"--requirepass {ADMIN_PASSWORD} "
             f"--user alice >{ALICE_PASSWORD} {everything} "
-            f"--user bob >{BOB_PASSWORD} {everything} -@scripting"
+            f"--user bob >{BOB_PASSWORD} {everything} -@scripting -rpush"
         ).split(),
         url=f"redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0",
     )
@@ -688,8 +690,9 @@ def test_redis_trouble_never_shows_its_url_or_password(
 def test_an_internal_error_is_a_bare_500_and_only_the_log_has_details(
     phase: ModuleType, acl_redis: SecureRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # bob may not run Lua, which the API's enqueue is: Redis answers NOPERM, an
-    # error nobody planned for.
+    # bob may not run Lua nor RPUSH, which the API's enqueue uses (phase 3: a
+    # script; phase 2: RQ's transaction): Redis answers NOPERM, an error nobody
+    # planned for.
     url = acl_redis.url.replace(f"alice:{ALICE_PASSWORD}", f"bob:{BOB_PASSWORD}")
     settings = Settings(redis_url=url)
     app = phase.create_app(settings)

@@ -1,10 +1,11 @@
-"""Commands issued in the same turn of the event loop go to Redis as one pipeline.
+"""Engine room: commands issued in the same turn of the event loop go to Redis as
+one pipeline.
 
 Under load, many requests are in flight at once and each would pay redis-py's
 fixed cost of a call (~50 µs of CPU: take a connection, write, wait, parse, give
 it back) and a round trip of its own. Queued here instead, the commands of one
 turn of the loop share a single write and a single read: a batch of eight costs
-about half as much per command (measured in docs/phase2.md). With one request in
+about half as much per command (measured in docs/phase3.md, "the engine room"). With one request in
 flight it is a plain call, one loop turn later. Node's ioredis calls this
 "auto-pipelining"; redis-py does not do it for us.
 
@@ -23,6 +24,11 @@ class AutoPipeline:
         self._redis = redis
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client it sends with, for what cannot wait for a batch."""
+        return self._redis
 
     async def execute_command(self, *args: Any) -> Any:
         """The reply to one command, sent with whatever else this loop turn sends."""

@@ -1,0 +1,104 @@
+"""Phase 2: what the API and the worker share: the job class, the task types'
+functions, the Redis connection and the queue.
+
+Jobs are plain RQ jobs with JSON data, so stock ``rq`` tools and rq-dashboard read
+them; one extra field of the job's hash counts attempts.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from common.settings import Settings
+from common.tasks import TASKS
+
+JOB_TIMEOUT = 300  # seconds; the longest task (sleep) takes 60
+
+# A client names a registered type; its job names the function's dotted path.
+FUNCTIONS = {name: f"{t.run.__module__}.{t.run.__name__}" for name, t in TASKS.items()}
+# Anyone who can write to Redis can write a job, naming any importable function
+# (RQ imports it, and importing alone runs a module's code). Ours run only these.
+TYPES = {path: name for name, path in FUNCTIONS.items()}
+
+
+class UnregisteredFunction(Exception):
+    """A job names a function that is not one of the registered task types."""
+
+
+class TaskJob(Job):
+    """An RQ job that counts its attempts in one extra field of its hash."""
+
+    attempts: int = 0
+
+    def restore(self, raw_data: dict[Any, Any]) -> Any:
+        restored = super().restore(raw_data)
+        self.attempts = int(raw_data.get(b"attempts") or raw_data.get("attempts") or 0)
+        # Our jobs have no callbacks or webhooks. One in Redis that names some
+        # would have the worker import and call any function, or post anywhere.
+        self._success_callback_name = None
+        self._failure_callback_name = None
+        self._stopped_callback_name = None
+        self.webhooks = []
+        return restored
+
+    def _execute(self) -> Any:
+        # Checked before RQ imports anything; a job whose data is not JSON (a
+        # pickle, say) fails here too, with RQ's DeserializationError.
+        if self.func_name not in TYPES or self.instance is not None:
+            raise UnregisteredFunction(
+                f"{self.func_name!r} is not a registered task function"
+            )
+        return super()._execute()
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Any) -> None:
+        super().prepare_for_execution(worker_name, pipeline)
+        # Same pipeline as RQ's own bookkeeping: no extra round trip.
+        pipeline.hincrby(self.key, "attempts", 1)
+
+    def retry(self, queue: Queue, pipeline: Any) -> None:
+        """RQ's, with every write of a delayed retry in the caller's pipeline. RQ's
+        writes the status and the scheduled-registry entry at once (the registry's
+        schedule() ignores its pipeline), before the pipeline that records the
+        failed attempt: a worker killed in between leaves the job both scheduled
+        and started, with its retry not counted, so it runs once too often."""
+        interval = self.get_retry_interval()
+        if not interval:
+            super().retry(queue, pipeline)  # queued at once: all in the pipeline
+            return
+        assert self.retries_left
+        self.retries_left -= 1
+        due = now() + timedelta(seconds=interval)
+        # What queue.schedule_job() writes.
+        pipeline.sadd(queue.redis_queues_keys, queue.key)
+        self.set_status(JobStatus.SCHEDULED, pipeline=pipeline)
+        self.save(pipeline=pipeline)
+        self.cleanup(ttl=self.ttl, pipeline=pipeline)
+        registry = queue.scheduled_job_registry.key
+        pipeline.zadd(registry, {self.id: int(due.timestamp())})
+        self.log.info("Job %s: retry at %s, %s left", self.id, due, self.retries_left)
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A sync client for RQ (which is sync), with timeouts so nothing hangs."""
+    if not settings.redis_url:
+        raise RuntimeError(
+            "phase 2 needs Redis: set TASKMAN_REDIS_URL, or run `taskman serve`, "
+            "which starts an embedded Redis"
+        )
+    return redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, health_check_interval=10
+    )
+
+
+def task_queue(settings: Settings, connection: redis.Redis) -> Queue:
+    return Queue(
+        settings.queue_name,
+        connection=connection,
+        serializer=JSONSerializer,  # never pickle: a job's data is plain JSON
+        job_class=TaskJob,
+    )

@@ -1,0 +1,257 @@
+"""Phase 2: crash recovery in seconds, not RQ's minutes.
+
+RQ notices a dead worker's job when its heartbeat key expires and a worker's
+maintenance runs: by default a job's heartbeat lives for minutes and maintenance
+runs every 10 minutes. Here:
+
+1. A keeper thread beats the running job's heartbeat with a short TTL and runs
+   RQ's registry clean-up every few seconds, which requeues (or fails, once its
+   retries are spent) a killed worker's job.
+2. A job taken off the queue by a worker that died before starting it goes back
+   after one heartbeat TTL (RQ's own rescue takes a minute and counts an attempt).
+3. The scheduler (it moves delayed retries to the queue) rides out Redis outages,
+   and a dead owner's lock is freed in seconds, not RQ's 61.
+"""
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import uuid4
+
+import redis
+from rq import Queue, SimpleWorker, worker_registration
+from rq.job import Job
+from rq.registry import clean_registries
+from rq.scheduler import RQScheduler
+from rq.utils import now, utcformat
+
+from common.process import close_inherited_sockets, die_with_parent
+
+log = logging.getLogger("taskman")
+
+# RQ's dequeue moves a job from the queue to an "intermediate" list, which the job
+# leaves when its worker starts it. For a worker that died in between: the job
+# back at the head of the queue, unless it was canceled meanwhile. One script, so
+# that two cleaners can never both push it.
+RESCUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[2], 'enqueued_at', ARGV[2])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+"""
+
+# RQ's scheduler holds its lock for 61 s (interval + 60) and refreshes it every
+# second. A worker that dies after taking the lock and before its scheduler runs
+# (or a scheduler that dies without letting go) leaves it taken that long, every
+# delayed retry waiting. A lock not refreshed for STALE_SCHEDULER_SECONDS has no
+# live owner: free it, in one script, for a live worker to take.
+SCHEDULER_LOCK_TTL = 61
+STALE_SCHEDULER_SECONDS = 10
+FREE_STALE_LOCK = """
+local ttl = redis.call('TTL', KEYS[1])
+if ttl >= 0 and ttl < tonumber(ARGV[1]) then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RecoveringWorker(SimpleWorker):
+    """SimpleWorker (no fork per job: ~2.5x the forking Worker on a no-op job)
+    that notices a dead worker's job within ``heartbeat_ttl`` seconds."""
+
+    def __init__(
+        self,
+        *args: Any,
+        heartbeat_ttl: int = 10,
+        scheduler_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.heartbeat_ttl = heartbeat_ttl
+        self.scheduler_name = scheduler_name or uuid4().hex
+        self._running: Job | None = None
+        self._job_beat_at = 0.0
+        self._lock = threading.Lock()
+        self._stop_keeper = threading.Event()
+        self._rescue = self.connection.register_script(RESCUE)
+        self._free_stale_lock = self.connection.register_script(FREE_STALE_LOCK)
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        keeper = threading.Thread(target=self._keep, name="keeper", daemon=True)
+        keeper.start()
+        try:
+            worked: bool = super().work(*args, **kwargs)
+            return worked
+        finally:
+            self._stop_keeper.set()
+            keeper.join()
+
+    # --- short heartbeats, beaten by the keeper while the job runs
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.heartbeat_ttl
+
+    def prepare_job_execution(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        super().prepare_job_execution(job, *args, **kwargs)
+        with self._lock:
+            self._running, self._job_beat_at = job, time.monotonic()
+
+    def cleanup_execution(self, job: Job, pipeline: Any) -> None:
+        with self._lock:  # no heartbeat may land after the execution is gone
+            self._running = None
+        super().cleanup_execution(job, pipeline)
+
+    def _keep(self) -> None:
+        last_cleanup = time.monotonic()
+        while not self._stop_keeper.wait(min(1.0, self.heartbeat_ttl / 4)):
+            try:
+                with self._lock:
+                    due = time.monotonic() - self._job_beat_at > self.heartbeat_ttl / 3
+                    if self._running is not None and due and self.execution:
+                        self.maintain_heartbeats(self._running)
+                        self._job_beat_at = time.monotonic()
+                if time.monotonic() - last_cleanup > self.maintenance_interval:
+                    self._clean_started_jobs()
+                    last_cleanup = time.monotonic()
+            except redis.RedisError as error:
+                log.warning("worker keeper: %s", error)
+
+    # --- frequent clean-up
+
+    def _clean_started_jobs(self) -> None:
+        """RQ's registry clean-up, which requeues or fails abandoned jobs.
+
+        Not BaseWorker.clean_registries(): that one also moves the clock of the
+        main loop's maintenance, the only place where a worker takes over the
+        scheduler of one that died; run from here, it would never come due.
+        """
+        for queue in self.queues:
+            with self._maintenance_lock(queue) as ours:
+                if ours:
+                    clean_registries(queue, self._exc_handlers)
+                    self._rescue_dequeued(queue)
+                    self._free_stale_scheduler_lock(queue)
+
+    def clean_registries(self) -> None:
+        """The main loop's clean-up: ours (above) in place of RQ's, whose rescue
+        of jobs left in the intermediate list comes a minute late, counts as a
+        failed attempt, and can take a job that is back in that list, about to be
+        started by a live worker, for one left there."""
+        self._clean_started_jobs()
+        for queue in self.queues:
+            worker_registration.clean_worker_registry(queue)
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # rq infers None
+
+    @contextmanager
+    def _maintenance_lock(self, queue: Queue) -> Iterator[bool]:
+        """RQ's clean-up lock, for 30 s rather than RQ's 899: a worker killed while
+        cleaning would otherwise stop every clean-up for 15 minutes."""
+        key = queue.registry_cleaning_key
+        ours = bool(self.connection.set(key, self.name, nx=True, ex=30))
+        try:
+            yield ours
+        finally:
+            if ours:
+                self.connection.delete(key)
+
+    def _rescue_dequeued(self, queue: Queue) -> None:
+        """Requeue the jobs seen dequeued but not started for a heartbeat TTL."""
+        dequeued: Any = self.connection.lrange(queue.intermediate_queue_key, 0, -1)
+        started = set(queue.started_job_registry.get_job_ids(cleanup=False))
+        waiting = [i.decode() for i in dequeued if i.decode() not in started]
+        seen_key = f"taskman:dequeued:{queue.name}"
+        with self.connection.pipeline() as pipe:
+            for job_id in waiting:
+                pipe.hget(f"rq:job:{job_id}", "enqueued_at")
+            pipe.hgetall(seen_key)
+            *stamps, seen = pipe.execute()
+        moment = time.time()
+        keep: dict[str, str] = {}
+        for job_id, stamp in zip(waiting, stamps, strict=True):
+            # Each retry enqueues the job anew: its stamp tells this stay in the
+            # list from an earlier one, which a worker did start.
+            mark = f"{(stamp or b'').decode()} "
+            earlier = seen.get(job_id.encode(), b"").decode()
+            if not earlier.startswith(mark):
+                keep[job_id] = f"{mark}{moment}"
+            elif moment - float(earlier[len(mark) :]) < self.heartbeat_ttl:
+                keep[job_id] = earlier
+            elif self._rescue(
+                keys=[queue.intermediate_queue_key, f"rq:job:{job_id}", queue.key],
+                args=[job_id, utcformat(now())],
+            ):
+                log.warning("job %s: its worker died before starting it", job_id)
+        with self.connection.pipeline() as pipe:
+            pipe.delete(seen_key)
+            if keep:
+                pipe.hset(seen_key, mapping=keep)
+                pipe.expire(seen_key, 3600)
+            pipe.execute()
+
+    # --- a scheduler that survives
+
+    def _free_stale_scheduler_lock(self, queue: Queue) -> None:
+        key = RQScheduler.get_locking_key(queue.name)
+        fresh = SCHEDULER_LOCK_TTL - STALE_SCHEDULER_SECONDS
+        if self._free_stale_lock(keys=[key], args=[fresh]):
+            log.warning("freed the scheduler lock of a scheduler that is gone")
+
+    def _start_scheduler(
+        self, burst: bool = False, logging_level: str | None = "INFO", *_: Any
+    ) -> None:
+        """RQ's, with a TaskScheduler (below) in place of RQScheduler."""
+        scheduler: Any = TaskScheduler(  # Any: RQ's scheduler is untyped
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level or "INFO",
+            serializer=self.serializer,
+            name=self.scheduler_name,
+        )
+        self.scheduler = scheduler
+        scheduler.acquire_locks()
+        if not scheduler.acquired_locks:
+            return
+        if not burst:
+            scheduler.start()
+            return
+        try:  # a burst worker moves what is due once, and lets go
+            scheduler.register_birth()
+            scheduler.enqueue_scheduled_jobs()
+        finally:
+            scheduler.release_locks()
+            scheduler.register_death()
+
+
+class TaskScheduler(RQScheduler):
+    """RQ's scheduler (a process the worker forks; it moves delayed retries to
+    the queue when due), made to ride out a Redis outage. RQ's dies at the first
+    connection error, and its lock stays taken for a minute (its TTL): every
+    delayed retry waits that long unless its worker lives to restart it."""
+
+    def work(self) -> None:
+        while True:
+            try:
+                super().work()  # type: ignore[no-untyped-call]
+                return
+            except redis.RedisError as error:
+                if self._stop_requested:
+                    return
+                self.log.warning("scheduler lost Redis (%s); retrying", error)
+                time.sleep(1)
+
+
+def in_scheduler_child() -> None:
+    """RQ forks its scheduler from the worker (the only fork a SimpleWorker makes):
+    pass this to ``os.register_at_fork(after_in_child=...)``."""
+    # If the worker is killed in BLMOVE, the child's copy of that socket would keep
+    # the dead BLMOVE waiting in Redis, and it would swallow the next job.
+    close_inherited_sockets()
+    # If the worker is SIGKILLed, stop too: SIGTERM makes RQ's scheduler release
+    # its lock, for another worker to take over at once.
+    die_with_parent(signal.SIGTERM)

@@ -1,0 +1,153 @@
+"""Phase 3: a result cache for finished tasks, in front of any backend.
+
+A finished task changes only if someone acts on Redis behind our back (a requeue or
+delete in rq-dashboard), so it is worth caching, in two layers:
+- in Redis, shared by every API process: the task's JSON with the job status it was
+  cached at. One round trip reads the entry *and* the job's live status; if they
+  differ, the entry is dropped. So this layer is never stale.
+- in this process, for at most ``LOCAL_SECONDS``: no round trip at all. This is the
+  only layer that can be stale, by at most that long.
+Entries never outlive RQ's own result TTL, and concurrent misses for one task share
+a single backend read (no stampede when many clients poll a task that just finished).
+"""
+
+import asyncio
+import contextlib
+import time
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.backend import BackendUnavailable, TaskBackend
+from common.models import Task, TaskCreate
+from phase2_queue.backend import unavailable_when_redis_is_down
+from phase3_production.autopipeline import AutoPipeline
+
+# Bounded staleness of the in-process layer (the contract allows 2 s).
+LOCAL_SECONDS = 1.0
+
+# Where the last get() in this request found its answer: "HIT" or "MISS". The
+# X-Cache header is set from it (see http_cache.py).
+cache_outcome: ContextVar[str | None] = ContextVar("cache_outcome", default=None)
+
+
+class CachedBackend:
+    """Any backend whose tasks are RQ jobs in this Redis, cached; the entries are
+    read through ``batch`` (one round trip with the job's live status)."""
+
+    def __init__(
+        self,
+        inner: TaskBackend,
+        redis: aioredis.Redis,
+        batch: AutoPipeline,
+        ttl: int,
+        retention: int,
+    ) -> None:
+        self._inner = inner
+        self._redis = redis
+        self._batch = batch
+        self._ttl = ttl
+        self._retention = retention  # RQ's result_ttl: the job itself expires then
+        self._local: dict[str, tuple[float, Task]] = {}
+        self._inflight: dict[str, asyncio.Future[Task | None]] = {}
+
+    async def submit(
+        self, request: TaskCreate, idempotency_key: str | None = None
+    ) -> tuple[Task, bool]:
+        return await self._inner.submit(request, idempotency_key)
+
+    async def get(self, task_id: str) -> Task | None:
+        local = self._local.get(task_id)
+        if local is not None and local[0] > time.monotonic():
+            self._outcome(hit=True)
+            return local[1]
+        cached = await self._from_redis(task_id)
+        if cached is not None:
+            self._outcome(hit=True)
+            self._remember(cached)
+            return cached
+        self._outcome(hit=False)
+        # One read per task however many requests miss at once.
+        if task_id in self._inflight:
+            return await asyncio.shield(self._inflight[task_id])
+        future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        self._inflight[task_id] = future
+        try:
+            task = await self._inner.get(task_id)
+            if task is not None and task.status.finished:
+                # Redis refusing writes (full?) means no cache entry, not an error.
+                with contextlib.suppress(BackendUnavailable):
+                    await self._store(task)
+
+            future.set_result(task)
+            return task
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # mark it retrieved: no "never retrieved" warning
+            raise
+        finally:
+            del self._inflight[task_id]
+
+    async def cancel(self, task_id: str) -> Task | None:
+        await self.invalidate(task_id)
+        return await self._inner.cancel(task_id)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._inner.health()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def _outcome(self, hit: bool) -> None:
+        cache_outcome.set("HIT" if hit else "MISS")  # for X-Cache and the metrics
+
+    async def invalidate(self, task_id: str) -> None:
+        self._local.pop(task_id, None)
+        with unavailable_when_redis_is_down():
+            await self._redis.delete(_key(task_id))
+
+    async def _from_redis(self, task_id: str) -> Task | None:
+        with unavailable_when_redis_is_down():
+            (cached_status, body), live_status = await self._batch.execute_commands(
+                ("HMGET", _key(task_id), "status", "task"),
+                ("HGET", f"rq:job:{task_id}", "status"),
+            )
+        if body is None:
+            return None
+        if cached_status != live_status:  # requeued or deleted behind our back
+            await self.invalidate(task_id)
+            return None
+        return Task.model_validate_json(body)
+
+    async def _store(self, task: Task) -> None:
+        assert task.finished_at is not None
+        finished = task.finished_at.replace(tzinfo=task.finished_at.tzinfo or UTC)
+        left = self._retention - (datetime.now(UTC) - finished).total_seconds()
+        ttl = int(min(self._ttl, left))
+        if ttl <= 0:
+            return
+        live = {"succeeded": "finished", "failed": "failed", "canceled": "canceled"}
+        with unavailable_when_redis_is_down():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    _key(task.id),
+                    mapping={
+                        "status": live[task.status],
+                        "task": task.model_dump_json(),
+                    },
+                )
+                pipe.expire(_key(task.id), ttl)
+                await pipe.execute()
+        self._remember(task)
+
+    def _remember(self, task: Task) -> None:
+        if len(self._local) > 10_000:  # bounded: drop the oldest half
+            for key in list(self._local)[:5_000]:
+                del self._local[key]
+        self._local[task.id] = (time.monotonic() + LOCAL_SECONDS, task)
+
+
+def _key(task_id: str) -> str:
+    return f"taskman:cache:{task_id}"
