@@ -139,3 +139,20 @@ def describe_error(error: BaseException) -> str:
     """The short, client-safe text of a failure: its type and message, no traceback."""
     message = str(error).strip().splitlines()[0][:500] if str(error).strip() else ""
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def describe_traceback(text: str) -> str:
+    """describe_error()'s text, read off a traceback another process printed."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Read as Python writes it: a header, the frames (indented), the exception's
+    # line. The rest of a multi-line message follows and may look like anything,
+    # frames included; a chained exception starts with a header of its own.
+    found, in_frames = None, False
+    for line in lines:
+        if line == "Traceback (most recent call last):":
+            in_frames = True
+        elif in_frames and not line[0].isspace():
+            found, in_frames = line, False
+    if found is None:  # not a traceback
+        found = lines[-1] if lines else "error"
+    return found[:500]

@@ -9,7 +9,7 @@ task, and stock ``rq`` tools and rq-dashboard see every job.
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import redis
@@ -24,6 +24,7 @@ from rq.utils import now, utcformat
 from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
 from common.models import Task, TaskCreate, TaskStatus, new_task
 from common.settings import Settings
+from common.tasks import describe_traceback
 from phase2_queue.jobs import (
     FUNCTIONS,
     JOB_TIMEOUT,
@@ -44,7 +45,6 @@ STATUSES = {
     JobStatus.CANCELED: TaskStatus.CANCELED,
 }
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -174,12 +174,10 @@ class RQBackend:
         self._redis.close()
 
 
-async def _off_the_loop(
-    function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-) -> T:
+async def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
     """Run a blocking RQ call in a thread, Redis trouble answered as a 503."""
     with unavailable_when_redis_is_down():
-        return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs))
+        return await anyio.to_thread.run_sync(function, *args)
 
 
 def to_task(job: TaskJob, latest: Result | None) -> Task:
@@ -209,21 +207,10 @@ def to_task(job: TaskJob, latest: Result | None) -> Task:
 
 def _short_error(exc_string: str, job: TaskJob) -> str:
     """The exception line of RQ's traceback ("RuntimeError: boom"), never the rest."""
-    lines = [line for line in exc_string.splitlines() if line.strip()]
-    # Read as Python writes it: a header, the frames (indented), the exception's
-    # line. The rest of a multi-line message follows and may look like anything,
-    # frames included; a chained exception starts with a header of its own.
-    found, in_frames = None, False
-    for line in lines:
-        if line == "Traceback (most recent call last):":
-            in_frames = True
-        elif in_frames and not line[0].isspace():
-            found, in_frames = line, False
-    if found is None:  # not a traceback: a note of RQ's own
-        if "AbandonedJobError" in exc_string:
-            return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
-        found = lines[-1] if lines else "error"
-    return found[:500]
+    if "Traceback" not in exc_string and "AbandonedJobError" in exc_string:
+        # Not a traceback: RQ's note on a job whose worker died.
+        return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
+    return describe_traceback(exc_string)
 
 
 def _utc(moment: datetime | None) -> datetime | None:

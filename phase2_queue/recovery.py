@@ -1,16 +1,14 @@
 """Phase 2: crash recovery in seconds, not RQ's minutes.
 
-RQ notices a dead worker's job when its heartbeat key expires and a worker's
-maintenance runs: by default a job's heartbeat lives for minutes and maintenance
-runs every 10 minutes. Here:
-
-1. A keeper thread beats the running job's heartbeat with a short TTL and runs
-   RQ's registry clean-up every few seconds, which requeues (or fails, once its
-   retries are spent) a killed worker's job.
-2. A job taken off the queue by a worker that died before starting it goes back
-   after one heartbeat TTL (RQ's own rescue takes a minute and counts an attempt).
-3. The scheduler (it moves delayed retries to the queue) rides out Redis outages,
-   and a dead owner's lock is freed in seconds, not RQ's 61.
+RQ finds a dead worker's job when the job's heartbeat key has expired (minutes, by
+default) and a worker's maintenance runs (every 10 minutes). Here:
+1. a keeper thread beats the running job's heartbeat with a short TTL and runs
+   RQ's registry clean-up every few seconds, which requeues (or, its retries
+   spent, fails) a killed worker's job;
+2. a job taken off the queue by a worker that died before starting it goes back
+   after one heartbeat TTL (RQ's own rescue takes a minute and counts an attempt);
+3. the scheduler (delayed retries) rides out Redis outages, and a dead owner's
+   lock is freed in seconds, not RQ's 61.
 """
 
 import logging

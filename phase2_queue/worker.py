@@ -28,9 +28,7 @@ log = logging.getLogger("taskman")
 class TaskWorker(RecoveringWorker):
     """RQ's SimpleWorker, with attempts and cooperative cancel."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._canceled = False
+    _canceled = False  # set by the running task's last checkpoint()
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         assert isinstance(job, TaskJob)
@@ -61,20 +59,12 @@ class TaskWorker(RecoveringWorker):
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
 
 
-class _QuietCleanups(logging.Filter):
-    """RQ logs each registry clean-up at INFO; ours run every few seconds."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "cleaning registries" not in record.getMessage()
-
-
 def run_worker(
     settings: Settings,
     burst: bool = False,
     worker_class: type[TaskWorker] = TaskWorker,
 ) -> None:
     """Work until stopped; start over if Redis goes away (RQ's loop would quit)."""
-    logging.getLogger("rq.worker").addFilter(_QuietCleanups())
     os.register_at_fork(after_in_child=in_scheduler_child)
     # One scheduler name for this process: when we start over after Redis went
     # away, the new scheduler resumes the lock the last one may still hold.
