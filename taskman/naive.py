@@ -2,8 +2,6 @@
 
 It shows in numbers why phase 1 sends them to a process pool."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,14 +22,4 @@ class NaiveBackend(InProcessBackend):
 
 
 def create_app() -> FastAPI:
-    settings = Settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.backend = NaiveBackend(settings)
-        try:
-            yield
-        finally:
-            await app.state.backend.aclose()
-
-    return create_api(phase=1, settings=settings, lifespan=lifespan)
+    return create_api(phase=1, settings=Settings(), backend=NaiveBackend)
