@@ -4,8 +4,6 @@ import ctypes
 import os
 import signal
 import stat
-import subprocess
-from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,44 +39,3 @@ def close_inherited_sockets() -> None:
                 os.close(fd)
         except OSError:
             pass  # the listing's own descriptor, already closed
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Linux /proc; elsewhere, none)."""
-    children: dict[int, list[int]] = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped, is not)."""
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
-def stop(
-    process: "subprocess.Popen[bytes]", timeout: float = 20, kill: bool = False
-) -> None:
-    """SIGTERM (or SIGKILL) a child, and SIGKILL it if it is still there after
-    ``timeout`` seconds; reap it either way."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

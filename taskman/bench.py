@@ -27,8 +27,15 @@ from rich.progress import Progress
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from common.process import stop
-from common.redis_server import EmbeddedRedis, free_port
+from taskman.processes import (
+    Process,
+    start,
+    start_api,
+    stop,
+    taskman_command,
+    wait_healthy,
+)
+from taskman.redis_server import EmbeddedRedis
 
 console = Console(stderr=True)
 PHASE_MODULES = {1: "phase1_inprocess", 2: "phase2_queue", 3: "phase3_production"}
@@ -49,36 +56,18 @@ class Load:
     tool: str
 
 
-def start_api(
+def serve(
     module: str, env: dict[str, str] | None = None, port: int | None = None
-) -> tuple["subprocess.Popen[bytes]", str]:
-    """``uvicorn --factory module:create_app``, the same settings for every app."""
-    port = port or free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            f"{module}:create_app",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--no-proxy-headers",
-        ],
-        env={**os.environ, **(env or {})},
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    _wait(f"{url}/health", process)
+) -> tuple[Process, str]:
+    """``module``'s app under uvicorn, up and healthy; the process and its URL."""
+    process, url = start_api(module, {**os.environ, **(env or {})}, port=port)
+    wait_healthy(url, process)
     return process, url
 
 
 @contextmanager
 def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    process, url = start_api(module, env)
+    process, url = serve(module, env)
     try:
         yield url
     finally:
@@ -92,13 +81,10 @@ def workers(count: int, env: dict[str, str], stock: bool = False) -> Iterator[No
         yield
     finally:
         for process in processes:
-            process.kill()
-            process.wait()
+            stop(process, kill=True)
 
 
-def _worker(
-    env: dict[str, str], burst: bool = False, stock: bool = False
-) -> "subprocess.Popen[bytes]":
+def _worker(env: dict[str, str], burst: bool = False, stock: bool = False) -> Process:
     if stock:
         # Stock RQ: its own CLI, SimpleWorker, the same JSON serializer.
         command = [
@@ -114,30 +100,10 @@ def _worker(
             env["TASKMAN_QUEUE_NAME"],
         ]
     else:
-        command = [sys.executable, "-m", "taskman", "worker", "--phase", "2"]
+        command = taskman_command("worker", "--phase", "2")
     if burst:
         command.append("--burst")
-    return subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait(url: str, process: "subprocess.Popen[bytes]", timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(url)
-        time.sleep(0.1)
+    return start(command, env={**os.environ, **env})
 
 
 def load(
@@ -419,7 +385,7 @@ def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
             store = EmbeddedRedis(data / f"durability{phase}")
             env["TASKMAN_REDIS_URL"] = stack.enter_context(store)
             env["TASKMAN_QUEUE_NAME"] = "durability"
-        api, url = start_api(PHASE_MODULES[phase], env)
+        api, url = serve(PHASE_MODULES[phase], env)
         port = int(url.rsplit(":", 1)[1])
         worker = _worker(env) if phase >= 2 else None
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -429,7 +395,7 @@ def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
         if worker is not None:
             stop(worker, kill=True)
             time.sleep(1.1)  # what got a 202 is fsynced to the AOF within a second
-        api, url = start_api(PHASE_MODULES[phase], env, port=port)
+        api, url = serve(PHASE_MODULES[phase], env, port=port)
         stack.callback(stop, api)
         if phase >= 2:
             stack.enter_context(workers(1, env))

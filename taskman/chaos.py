@@ -14,14 +14,12 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,20 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
-from common.redis_server import EmbeddedRedis, free_port
+from taskman.processes import (
+    Process,
+    alive,
+    children,
+    send,
+    start,
+    start_api,
+    start_time,
+    stop,
+    stop_tree,
+    taskman_command,
+    wait_healthy,
+)
+from taskman.redis_server import EmbeddedRedis, free_port
 
 QUEUE = "taskman"
 # The contract's mix: 80 % short work, 10 % that fails once then succeeds, 10 % that
@@ -47,9 +58,6 @@ RQ_FINAL = {b"finished", b"failed", b"canceled", b"stopped"}
 DEQUEUED = re.compile(r"Worker (\w+): [^:]+: taskman \w+ task \(([0-9a-f]{32})\)")
 
 Log = Callable[[str], None]
-# A process as (pid, start time in clock ticks since boot): pids are reused (pid_max
-# may be 32768, which wraps in minutes), so a pid alone may name someone else.
-Process = tuple[int, int]
 
 
 @dataclass
@@ -252,16 +260,23 @@ class _Chaos:
         with ExitStack() as stack:
             self.redis.start()
             stack.callback(self.redis.stop)
-            api = _Api(self.env(), self.run_dir)
-            stack.callback(api.stop)
+            # The phase-3 API under uvicorn, as it is served; in a directory of
+            # ours, so no stray .env file from wherever we were started is read.
+            api, url = start_api(
+                "phase3_production",
+                self.env(),
+                cwd=self.run_dir,
+                log=self.run_dir / "api.log",
+            )
+            stack.callback(stop, api)
             for _ in range(self.worker_count):
                 self.start_worker()
             stack.callback(self.stop_workers)
-            api.wait_ready()
+            wait_healthy(url, api)
             self.wait_for_workers()
-            self.log(f"Redis {self.redis.url}, API {api.url}, logs in {self.run_dir}")
+            self.log(f"Redis {self.redis.url}, API {url}, logs in {self.run_dir}")
             self.started = time.monotonic()
-            checked = asyncio.run(self.main(api.url))
+            checked = asyncio.run(self.main(url))
             return self.result(checked, self.orphans(), self.leftovers())
 
     def wait_for_workers(self, timeout: float = 60) -> None:
@@ -283,10 +298,12 @@ class _Chaos:
     def orphans(self) -> int:
         """Children of killed workers still alive (RQ's scheduler is a forked child:
         a SIGKILL of the worker leaves it running). Ours: we stop them."""
-        alive = [child for w in self.retired for child in w.children if _alive(child)]
-        for child in alive:
-            _signal(child, signal.SIGTERM)
-        return len(alive)
+        left = [
+            (pid, at) for w in self.retired for pid, at in w.children if alive(pid, at)
+        ]
+        for pid, at in left:
+            send(pid, signal.SIGTERM, at)
+        return len(left)
 
     def leftovers(self) -> dict[str, int]:
         connection = redis.Redis.from_url(self.redis.url)
@@ -724,74 +741,22 @@ async def _running_jobs(conn: aioredis.Redis) -> list[str]:
     return [m.decode().split(":")[0] for m in started] + [m.decode() for m in dequeued]
 
 
-class _Api:
-    """The phase-3 API under uvicorn, as it is served."""
-
-    def __init__(self, env: dict[str, str], run_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(run_dir / "api.log", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "phase3_production:create_app",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--no-proxy-headers",
-            ],
-            env=env,
-            cwd=run_dir,  # no stray .env file from wherever we were started
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API never answered at {self.url}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
-
 class _Worker:
     """One ``taskman worker --phase 3`` process, its log in the run directory."""
 
     def __init__(self, number: int, env: dict[str, str], run_dir: Path) -> None:
         self.name = f"worker-{number}"
         self.path = run_dir / f"{self.name}.log"
-        self.log = open(self.path, "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "taskman", "worker", "--phase", "3"],
+        self.process: Process = start(
+            taskman_command("worker", "--phase", "3"),
             env=env,
             cwd=run_dir,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+            log=self.path,
         )
         self.pid = self.process.pid
         self.born = time.monotonic()
-        self.children: list[Process] = []
+        # Its children when it was killed, as (pid, start time): pids are reused.
+        self.children: list[tuple[int, int]] = []
 
     @property
     def age(self) -> float:
@@ -806,55 +771,17 @@ class _Worker:
         return self.path.read_text(errors="replace")
 
     def kill(self) -> None:
-        self.children = _children(self.pid)
-        self.process.kill()
-        self.process.wait()
-        self.log.close()
+        self.children = [
+            (pid, at)
+            for pid in children(self.pid)
+            if (at := start_time(pid)) is not None
+        ]
+        stop(self.process, kill=True)
 
     def stop(self) -> None:
-        """RQ's warm shutdown (SIGTERM); SIGKILL if it takes too long."""
-        if self.process.poll() is None:
-            self.children = _children(self.pid)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in self.children:
-            _signal(child, signal.SIGKILL)
-        self.log.close()
-
-
-def _children(pid: int) -> list[Process]:
-    """The live children of ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat(int(stat.parent.name))
-        if fields and int(fields[1]) == pid:
-            found.append((int(stat.parent.name), int(fields[19])))
-    return found
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat from its state field on ([] if gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text.rsplit(")", 1)[1].split()
-
-
-def _alive(process: Process) -> bool:
-    """Still running, and still the same process (not a reused pid)."""
-    fields = _stat(process[0])
-    return bool(fields) and fields[0] != "Z" and int(fields[19]) == process[1]
-
-
-def _signal(process: Process, sig: signal.Signals) -> None:
-    if _alive(process):
-        with suppress(ProcessLookupError):
-            os.kill(process[0], sig)
+        """RQ's warm shutdown (SIGTERM); SIGKILL if it takes too long, and of what
+        it leaves running."""
+        stop_tree(self.process, timeout=10)
 
 
 def print_summary(result: ChaosResult, console: Console | None = None) -> None:

@@ -3,11 +3,11 @@
 # A thin layer, like arq's cli.py: it builds Settings and hands over to uvicorn or
 # RQ. It sits above the phases; nothing imports it.
 
+import importlib
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -19,10 +19,10 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from common.process import stop
-from common.redis_server import EmbeddedRedis
 from common.settings import Settings
 from taskman.http import JSONErrorsHttpToolsProtocol
+from taskman.processes import Process, start, stop, taskman_command
+from taskman.redis_server import EmbeddedRedis
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
@@ -93,7 +93,7 @@ def worker(
     """Run RQ worker processes for a phase's queue (phases 2-3)."""
     if phase < 2:
         raise typer.BadParameter("phase 1 runs its tasks in the API process")
-    _module(phase)
+    module = _module(phase)
     _log_setup()
     if concurrency > 1:
         with ExitStack() as stack:
@@ -104,9 +104,8 @@ def worker(
             for child in children:
                 child.wait()
         return
-    from phase2_queue.worker import run_worker
-
-    run_worker(Settings(), burst=burst)
+    # Each phase's own worker: phase 3's is the engine room's (fewer round trips).
+    importlib.import_module(f"{module}.worker").run_worker(Settings(), burst=burst)
 
 
 class _worker_process:
@@ -114,9 +113,10 @@ class _worker_process:
 
     def __init__(self, phase: int, burst: bool = False) -> None:
         args = ["worker", "--phase", str(phase)] + (["--burst"] if burst else [])
-        self.process = subprocess.Popen([sys.executable, "-m", "taskman", *args])
+        # Its log is ours: it writes to our terminal.
+        self.process = start(taskman_command(*args), log=None)
 
-    def __enter__(self) -> subprocess.Popen[bytes]:
+    def __enter__(self) -> Process:
         return self.process
 
     def __exit__(self, *exc: object) -> None:

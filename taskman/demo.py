@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +29,20 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from common.process import alive, descendants, die_with_parent
-from common.redis_server import EmbeddedRedis, free_port
+from taskman.processes import (
+    Process,
+    alive,
+    command_line,
+    descendants,
+    parent,
+    send,
+    start,
+    stop,
+    stop_tree,
+    taskman_command,
+    wait_healthy,
+)
+from taskman.redis_server import EmbeddedRedis, free_port
 
 FINISHED = ("succeeded", "failed", "canceled")
 STYLES = {
@@ -71,54 +82,36 @@ FAST = Pace(0.05, 0.5, 100_000, 1_000_000, "0", 2, 5, 1.5, 0.3)
 # --- the processes the demo starts
 
 
-def command_line(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec. If the demo itself is killed (kill -9), Linux
-    # sends the child SIGTERM, and `taskman serve` then stops its own children.
-    die_with_parent(signal.SIGTERM)
-
-
 class Processes:
     """The processes of one phase; ``close()`` stops them all, newest first.
 
     They run in sessions of their own: a Ctrl-C in the terminal reaches the demo
-    only, which then stops them in order (API and workers before Redis).
+    only, which then stops them in order (API and workers before Redis). If the
+    demo itself is killed (kill -9), Linux sends them SIGTERM, and `taskman serve`
+    then stops its own children.
     """
 
     def __init__(self, console: Console, logs: Path) -> None:
         self.console = console
         self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
+        self.running: list[Process] = []
         self.names: dict[int, str] = {}
         self.seen: set[int] = set()  # every pid started, and the children we saw
         self.orphans: set[int] = set()  # children of a process we killed
         self._hurry = False
 
-    def start(
-        self, name: str, args: list[str], env: dict[str, str]
-    ) -> "subprocess.Popen[bytes]":
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> Process:
         """``python -m taskman ARGS``, its output in logs/NAME.log."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "taskman", *args],
-                env=env,
-                # A directory of ours: no .env file of the user's is read, the
-                # demo's settings are all in env.
-                cwd=self.logs,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+        process = start(
+            taskman_command(*args),
+            env=env,
+            # A directory of ours: no .env file of the user's is read, the demo's
+            # settings are all in env.
+            cwd=self.logs,
+            log=self.logs / f"{name}.log",
+            own_session=True,
+        )
         self._track(process, name)
         return process
 
@@ -131,44 +124,27 @@ class Processes:
                 self._track(server.process, "redis-server")
         return server
 
-    def _track(self, process: "subprocess.Popen[bytes]", name: str) -> None:
+    def _track(self, process: Process, name: str) -> None:
         self.running.append(process)
         self.names[process.pid] = name
         self.seen.add(process.pid)
 
-    def log(self, process: "subprocess.Popen[bytes]") -> Path:
+    def log(self, process: Process) -> Path:
         return self.logs / f"{self.names[process.pid]}.log"
 
-    def stop(self, process: "subprocess.Popen[bytes]", timeout: float = 30) -> int:
+    def stop(self, process: Process, timeout: float = 30) -> int:
         """SIGTERM, wait, SIGKILL if need be; then any child it left behind."""
-        children = descendants(process.pid)
-        self.seen |= children
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while process.poll() is None and not self._hurry:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            if process.poll() is None:
-                process.kill()
-        code = process.wait()
-        for pid in children:
-            if alive(pid):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        self.seen |= stop_tree(process, timeout, hurry=lambda: self._hurry)
         if process in self.running:
             self.running.remove(process)
-        return code
+        return process.wait()
 
-    def kill(self, process: "subprocess.Popen[bytes]") -> set[int]:
+    def kill(self, process: Process) -> set[int]:
         """``kill -9`` of that one process, as a crash would; its children live on
         (they are stopped with the rest at the end). Returns them."""
         children = descendants(process.pid)
         self.seen |= children
-        process.kill()
-        process.wait()
+        stop(process, kill=True)
         self.running.remove(process)
         self.orphans |= children
         return {pid for pid in children if alive(pid)}
@@ -185,9 +161,7 @@ class Processes:
             for process in reversed(list(self.running)):
                 self.stop(process)
             for pid in self.orphans:
-                if alive(pid):
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+                send(pid, signal.SIGKILL)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -467,25 +441,6 @@ def task_table(tasks: list[Watched]) -> Table:
 # --- starting and stopping servers
 
 
-def wait_healthy(
-    url: str, process: "subprocess.Popen[bytes]", log: Path, timeout: float = 60
-) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise DemoError(f"the server exited with {process.returncode}:\n{tail}")
-        try:
-            response = httpx.get(f"{url}/health", timeout=2)
-            if response.status_code == 200:
-                return response
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise DemoError(f"{url} did not answer within {timeout:.0f} s")
-        time.sleep(0.1)
-
-
 def serve(
     tour: Tour,
     procs: Processes,
@@ -495,7 +450,7 @@ def serve(
     workers: int,
     env: dict[str, str],
     shown: dict[str, str],
-) -> "subprocess.Popen[bytes]":
+) -> Process:
     """Start ``taskman serve`` (printing the command), wait until it answers."""
     args = ["serve", "--phase", str(phase), "--port", str(port)]
     if phase >= 2:
@@ -503,16 +458,16 @@ def serve(
     tour.shell(shown, args)
     process = procs.start(name, args, env)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, process, procs.log(process))
+    try:
+        wait_healthy(url, process, timeout=60)
+    except RuntimeError as error:  # it exited: the end of its log says why
+        log = procs.log(process).read_text(errors="replace")
+        tail = "\n".join(log.splitlines()[-15:])
+        raise DemoError(f"{error}:\n{tail}") from None
+    except TimeoutError as error:
+        raise DemoError(str(error)) from None
     tour.say(f"[dim]Up: pid {process.pid}, {url} (log: {procs.log(process)})[/dim]")
     return process
-
-
-def parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def role(pid: int, server: int) -> str:
@@ -811,7 +766,7 @@ def kill_worker(
     tour: Tour,
     client: httpx.Client,
     procs: Processes,
-    workers: list["subprocess.Popen[bytes]"],
+    workers: list[Process],
     redis_url: str,
 ) -> None:
     pace = tour.pace

@@ -1,15 +1,22 @@
-"""Helpers for tests that run real processes: free ports, waiting, process trees."""
+"""Helpers for tests that run real processes, over taskman/processes.py."""
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from common.process import alive, descendants, stop
 from common.settings import Settings
+from taskman.processes import (
+    Process,
+    alive,
+    descendants,
+    start,
+    stop,
+    taskman_command,
+    wait_healthy,
+)
 
 __all__ = [
     "alive",
@@ -24,39 +31,31 @@ __all__ = [
 BIN = Path(sys.executable).parent
 
 
-def wait_http(
-    url: str, timeout: float = 20, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _any_answer(response: httpx.Response) -> bool:
+    return True
+
+
+def wait_http(url: str, timeout: float = 20, process: Process | None = None) -> None:
+    """Until ``url`` answers at all (a 503 too), or ``process`` exits."""
+    wait_healthy(url, process, timeout, path="", ready=_any_answer)
 
 
 def taskman(
     *args: str, env: dict[str, str] | None = None, log: Path | None = None
-) -> subprocess.Popen[bytes]:
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
+) -> Process:
+    """The installed ``taskman`` command, our environment plus ``env``."""
+    return start(
         [str(BIN / "taskman"), *args],
         env={**os.environ, **(env or {})},
-        stdout=out,
-        stderr=subprocess.STDOUT,
+        log=log or subprocess.DEVNULL,
     )
 
 
-def drain(redis_url: str, queue_name: str, **env: str) -> str:
-    """Run a queue dry with one real burst worker (rq's advice for tests); its
-    output."""
+def drain(redis_url: str, queue_name: str, *, phase: int = 2, **env: str) -> str:
+    """Run a queue dry with one real burst worker of ``phase`` (rq's advice for
+    tests); its output."""
     done = subprocess.run(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "2", "--burst"],
+        taskman_command("worker", "--phase", str(phase), "--burst"),
         env={
             **os.environ,
             "TASKMAN_REDIS_URL": redis_url,
@@ -71,6 +70,6 @@ def drain(redis_url: str, queue_name: str, **env: str) -> str:
     return done.stdout + done.stderr
 
 
-def drain_queue(settings: Settings) -> None:
+def drain_queue(settings: Settings, *, phase: int = 2) -> None:
     """drain() the queue of these settings."""
-    drain(str(settings.redis_url), settings.queue_name)
+    drain(str(settings.redis_url), settings.queue_name, phase=phase)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.redis_server import free_port
+from taskman.redis_server import free_port
 from tests.processes import alive, descendants, stop, taskman, wait_http
 
 # Phases 2 and 3 join with one entry each: their `taskman serve` starts its own Redis.

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.process import alive, descendants
+from taskman.processes import alive, descendants
 
 
 def test_bench_quick_measures_every_phase_and_leaves_no_process(tmp_path: Path) -> None:

