@@ -27,6 +27,7 @@ from rich.progress import Progress
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from taskman.phases import PHASES, queued
 from taskman.processes import (
     Process,
     start,
@@ -38,7 +39,6 @@ from taskman.processes import (
 from taskman.redis_server import EmbeddedRedis
 
 console = Console(stderr=True)
-PHASE_MODULES = {1: "phase1_inprocess", 2: "phase2_queue", 3: "phase3_production"}
 # Phase 3 is measured with limits no load generator reaches: the bench measures the
 # cost of checking a limit, not of being refused.
 UNLIMITED = {
@@ -75,8 +75,8 @@ def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
 
 
 @contextmanager
-def workers(count: int, env: dict[str, str], stock: bool = False) -> Iterator[None]:
-    processes = [_worker(env, stock=stock) for _ in range(count)]
+def workers(count: int, env: dict[str, str], phase: int) -> Iterator[None]:
+    processes = [_worker(env, phase) for _ in range(count)]
     try:
         yield
     finally:
@@ -84,8 +84,9 @@ def workers(count: int, env: dict[str, str], stock: bool = False) -> Iterator[No
             stop(process, kill=True)
 
 
-def _worker(env: dict[str, str], burst: bool = False, stock: bool = False) -> Process:
-    if stock:
+def _worker(env: dict[str, str], phase: int | None, burst: bool = False) -> Process:
+    """``taskman worker --phase PHASE``; with no phase, stock RQ's own."""
+    if phase is None:
         # Stock RQ: its own CLI, SimpleWorker, the same JSON serializer.
         command = [
             str(Path(sys.executable).parent / "rq"),
@@ -100,7 +101,7 @@ def _worker(env: dict[str, str], burst: bool = False, stock: bool = False) -> Pr
             env["TASKMAN_QUEUE_NAME"],
         ]
     else:
-        command = taskman_command("worker", "--phase", "2")
+        command = taskman_command("worker", "--phase", str(phase))
     if burst:
         command.append("--burst")
     return start(command, env={**os.environ, **env})
@@ -242,8 +243,9 @@ def health_latency(url: str, count: int) -> tuple[float, float]:
     return _percentiles(times)
 
 
-def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float:
-    """Jobs/s of a burst of echo jobs, first start to last end, from RQ's own stamps."""
+def worker_rate(redis_url: str, jobs: int, processes: int, phase: int | None) -> float:
+    """Jobs/s of a burst of echo jobs, first start to last end, from RQ's own
+    stamps; by the workers of ``phase``, or by stock RQ's."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     connection = redis.Redis.from_url(redis_url)
     queue = Queue(name, connection=connection, serializer=JSONSerializer)
@@ -261,7 +263,7 @@ def worker_rate(redis_url: str, jobs: int, processes: int, stock: bool) -> float
         "TASKMAN_QUEUE_NAME": name,
         "TASKMAN_LOG_LEVEL": "WARNING",
     }
-    burst = [_worker(env, burst=True, stock=stock) for _ in range(processes)]
+    burst = [_worker(env, phase, burst=True) for _ in range(processes)]
     for process in burst:
         process.wait(timeout=600)
     keys = [f"rq:job:{job_id}" for job_id in queue.finished_job_registry.get_job_ids()]
@@ -294,7 +296,8 @@ def run(
         "seconds": seconds,
     }
     http, durable = "http" in figures, "durability" in figures
-    measure_workers = "workers" in figures and any(p >= 2 for p in phases)
+    queue_phases = [p for p in phases if queued(p)]
+    measure_workers = "workers" in figures and bool(queue_phases)
     measure_loop = "loop" in figures and 1 in phases
     steps = http + len(phases) * (http + durable) + measure_workers + measure_loop
     with (
@@ -328,13 +331,13 @@ def run(
                 "TASKMAN_QUEUE_NAME": f"bench-phase{phase}",
                 **UNLIMITED,
             }
-            with service(PHASE_MODULES[phase], env) as url:
+            with service(PHASES[phase], env) as url:
                 post = load(f"{url}/tasks", seconds, body=ECHO)
-                if phase >= 2:
+                if queued(phase):
                     redis.Redis.from_url(redis_url).delete(
                         f"rq:queue:bench-phase{phase}"
                     )
-                with workers(1 if phase >= 2 else 0, env):
+                with workers(1 if queued(phase) else 0, env, phase):
                     task_id = finished_task(url)
                     echo = echo_latency(url, max(50, jobs // 10))
                 get = load(f"{url}/tasks/{task_id}", seconds)
@@ -350,12 +353,12 @@ def run(
             results[f"phase{phase}"]["durability"] = durability(phase, Path(data))
             progress.advance(bar)
         if measure_workers:
+            # Ours: the worker of the latest phase measured.
+            ours = results["workers_phase"] = max(queue_phases)
             step("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
             results["workers"] = {
-                f"{kind}_{n}": round(
-                    worker_rate(redis_url, jobs, n, kind == "stock"), 1
-                )
-                for kind in ("stock", "taskman")
+                f"{kind}_{n}": round(worker_rate(redis_url, jobs, n, phase), 1)
+                for kind, phase in (("stock", None), ("taskman", ours))
                 for n in (1, 2)
             }
             progress.advance(bar)
@@ -381,13 +384,13 @@ def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
     }
     body = {"type": "sleep", "payload": {"seconds": 0.02}}
     with contextlib.ExitStack() as stack:
-        if phase >= 2:
+        if queued(phase):
             store = EmbeddedRedis(data / f"durability{phase}")
             env["TASKMAN_REDIS_URL"] = stack.enter_context(store)
             env["TASKMAN_QUEUE_NAME"] = "durability"
-        api, url = serve(PHASE_MODULES[phase], env)
+        api, url = serve(PHASES[phase], env)
         port = int(url.rsplit(":", 1)[1])
-        worker = _worker(env) if phase >= 2 else None
+        worker = _worker(env, phase) if queued(phase) else None
         with httpx.Client(base_url=url, timeout=10) as client:
             ids = [client.post("/tasks", json=body).json()["id"] for _ in range(count)]
         time.sleep(0.2)  # some ran, most wait
@@ -395,10 +398,10 @@ def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
         if worker is not None:
             stop(worker, kill=True)
             time.sleep(1.1)  # what got a 202 is fsynced to the AOF within a second
-        api, url = serve(PHASE_MODULES[phase], env, port=port)
+        api, url = serve(PHASES[phase], env, port=port)
         stack.callback(stop, api)
-        if phase >= 2:
-            stack.enter_context(workers(1, env))
+        if queued(phase):
+            stack.enter_context(workers(1, env, phase))
         lost = 0
         with httpx.Client(base_url=url, timeout=10) as client:
             deadline = time.monotonic() + 60
@@ -493,7 +496,7 @@ def table(results: dict[str, Any]) -> str:
             "| worker on echo, jobs/s | 1 process | 2 processes |",
             "|---|---|---|",
             f"| stock `rq worker` (SimpleWorker) | {w['stock_1']} | {w['stock_2']} |",
-            f"| taskman worker | {w['taskman_1']} ({ratio(w['taskman_1'], w['stock_1'])}) | "
+            f"| taskman worker --phase {results.get('workers_phase', 2)} | {w['taskman_1']} ({ratio(w['taskman_1'], w['stock_1'])}) | "
             f"{w['taskman_2']} ({ratio(w['taskman_2'], w['stock_2'])}) |",
         ]
     if "loop" in results:

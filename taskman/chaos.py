@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from taskman.phases import PHASES
 from taskman.processes import (
     Process,
     alive,
@@ -45,6 +46,7 @@ from taskman.processes import (
 )
 from taskman.redis_server import EmbeddedRedis, free_port
 
+PHASE = 3  # the phase under fire
 QUEUE = "taskman"
 # The contract's mix: 80 % short work, 10 % that fails once then succeeds, 10 % that
 # always fails.
@@ -263,7 +265,7 @@ class _Chaos:
             # The phase-3 API under uvicorn, as it is served; in a directory of
             # ours, so no stray .env file from wherever we were started is read.
             api, url = start_api(
-                "phase3_production",
+                PHASES[PHASE],
                 self.env(),
                 cwd=self.run_dir,
                 log=self.run_dir / "api.log",
@@ -748,7 +750,7 @@ class _Worker:
         self.name = f"worker-{number}"
         self.path = run_dir / f"{self.name}.log"
         self.process: Process = start(
-            taskman_command("worker", "--phase", "3"),
+            taskman_command("worker", "--phase", str(PHASE)),
             env=env,
             cwd=run_dir,
             log=self.path,

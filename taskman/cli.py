@@ -21,14 +21,12 @@ from rich.console import Console
 
 from common.settings import Settings
 from taskman.http import JSONErrorsHttpToolsProtocol
+from taskman.phases import LATEST, PHASES, queued
 from taskman.processes import Process, start, stop, taskman_command
 from taskman.redis_server import EmbeddedRedis
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
-
-PHASES = {1: "phase1_inprocess", 2: "phase2_queue", 3: "phase3_production"}
-LATEST = max(PHASES)
 
 Phase = Annotated[int, typer.Option(min=1, max=3, help="Which phase to run.")]
 Url = Annotated[str, typer.Option(envvar="TASKMAN_URL", help="The API to talk to.")]
@@ -58,7 +56,7 @@ def serve(
     # action that would kill us before the ExitStack stops Redis and the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with ExitStack() as stack:
-        if phase >= 2:
+        if queued(phase):
             settings = Settings()
             if not settings.redis_url:
                 redis_server = EmbeddedRedis(settings.data_dir / "redis")
@@ -91,7 +89,7 @@ def worker(
     ] = 1,
 ) -> None:
     """Run RQ worker processes for a phase's queue (phases 2-3)."""
-    if phase < 2:
+    if not queued(phase):
         raise typer.BadParameter("phase 1 runs its tasks in the API process")
     module = _module(phase)
     _log_setup()

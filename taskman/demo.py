@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from taskman.phases import queued
 from taskman.processes import (
     Process,
     alive,
@@ -453,7 +454,7 @@ def serve(
 ) -> Process:
     """Start ``taskman serve`` (printing the command), wait until it answers."""
     args = ["serve", "--phase", str(phase), "--port", str(port)]
-    if phase >= 2:
+    if queued(phase):
         args += ["--workers", str(workers)]
     tour.shell(shown, args)
     process = procs.start(name, args, env)
@@ -1044,7 +1045,7 @@ def dashboard(tour: Tour, client: httpx.Client, url: str, password: str) -> None
 
 # --- the whole tour
 
-PHASES: dict[int, Callable[[Tour, Path], None]] = {1: phase1, 2: phase2, 3: phase3}
+TOURS: dict[int, Callable[[Tour, Path], None]] = {1: phase1, 2: phase2, 3: phase3}
 
 
 @contextlib.contextmanager
@@ -1082,7 +1083,7 @@ def run(phases: list[int], pause: bool = False, fast: bool = False) -> int:
             tempfile.TemporaryDirectory(prefix="taskman-demo-") as workdir,
         ):
             for phase in phases:
-                PHASES[phase](tour, Path(workdir))
+                TOURS[phase](tour, Path(workdir))
     except KeyboardInterrupt:
         console.print("\n[yellow]Interrupted.[/yellow]")
         return 130
