@@ -192,7 +192,7 @@ def base_env() -> dict[str, str]:
     """Our environment without any TASKMAN_* setting: the demo sets its own. The
     children run elsewhere, so they are told where this checkout is."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMAN_")}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
 
