@@ -1,32 +1,23 @@
-"""``taskman bench``: every phase as real processes, measured in one run against
-baselines run in that same run, so each figure is a ratio that holds on any machine.
-"""
+"""The figures, each measured on real processes: the phases' APIs and workers,
+stock RQ's worker, a phase killed mid-run."""
 
 import contextlib
-import json
 import os
-import platform
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
-from rich.console import Console
-from rich.progress import Progress
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from taskman.bench.load import percentiles
 from taskman.phases import PHASES, queued
 from taskman.processes import (
     Process,
@@ -38,7 +29,6 @@ from taskman.processes import (
 )
 from taskman.redis_server import EmbeddedRedis
 
-console = Console(stderr=True)
 # Phase 3 is measured with limits no load generator reaches: the bench measures the
 # cost of checking a limit, not of being refused.
 UNLIMITED = {
@@ -46,14 +36,6 @@ UNLIMITED = {
     "TASKMAN_RATE_LIMIT_READ": "1000000/second",
 }
 ECHO = {"type": "echo", "payload": {"value": 1}}
-
-
-@dataclass
-class Load:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    tool: str
 
 
 def serve(
@@ -107,105 +89,20 @@ def _worker(env: dict[str, str], phase: int | None, burst: bool = False) -> Proc
     return start(command, env={**os.environ, **env})
 
 
-def load(
-    url: str, seconds: float, connections: int = 32, body: dict[str, Any] | None = None
-) -> Load:
-    """Requests/s and latency percentiles under load, from wrk where installed."""
-    if shutil.which("wrk"):
-        return _wrk(url, seconds, connections, body)
-    return _python_load(url, seconds, connections, body)
-
-
-def _wrk(
-    url: str, seconds: float, connections: int, body: dict[str, Any] | None
-) -> Load:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        if body is not None:
-            script.write(
-                'wrk.method = "POST"\n'
-                f"wrk.body = [[{json.dumps(body)}]]\n"
-                'wrk.headers["Content-Type"] = "application/json"\n'
-            )
-    try:
-        out = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{max(1, round(seconds))}s",
-                "--latency",
-                "-s",
-                script.name,
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    finally:
-        os.unlink(script.name)
-    if "Non-2xx" in out:
-        raise RuntimeError(f"errors under load:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    return Load(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), "wrk")
-
-
-def _wrk_ms(out: str, percentile: str) -> float:
-    value, unit = re.search(rf"{percentile}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def _python_load(
-    url: str, seconds: float, connections: int, body: dict[str, Any] | None
-) -> Load:
-    import asyncio
-
-    latencies: list[float] = []
-
-    async def one_connection(client: httpx.AsyncClient, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            if body is None:
-                response = await client.get(url)
-            else:
-                response = await client.post(url, json=body)
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - started)
-
-    async def main() -> float:
-        limits = httpx.Limits(max_connections=connections)
-        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-            started = time.monotonic()
-            deadline = started + seconds
-            await asyncio.gather(
-                *(one_connection(client, deadline) for _ in range(connections))
-            )
-            return time.monotonic() - started
-
-    elapsed = asyncio.run(main())
-    p50, p99 = _percentiles(latencies)
-    return Load(len(latencies) / elapsed, p50, p99, "httpx (wrk not installed)")
-
-
-def _percentiles(seconds: list[float]) -> tuple[float, float]:
-    ordered = sorted(seconds)
-    if not ordered:
-        return 0.0, 0.0
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
-
-    return pick(0.5), pick(0.99)
+def _succeeded(client: httpx.Client, task_id: str, timeout: float = 30) -> Any:
+    """Poll a task until it has succeeded; the task."""
+    deadline = time.monotonic() + timeout
+    while (task := client.get(f"/tasks/{task_id}").json())["status"] != "succeeded":
+        if time.monotonic() > deadline:
+            raise TimeoutError(task)
+        time.sleep(0.01)
+    return task
 
 
 def finished_task(url: str) -> str:
     with httpx.Client(base_url=url, timeout=10) as client:
         task_id: str = client.post("/tasks", json=ECHO).json()["id"]
-        deadline = time.monotonic() + 30
-        while client.get(f"/tasks/{task_id}").json()["status"] != "succeeded":
-            if time.monotonic() > deadline:
-                raise TimeoutError("echo task never finished")
-            time.sleep(0.01)
+        _succeeded(client, task_id)
     return task_id
 
 
@@ -218,18 +115,12 @@ def echo_latency(url: str, count: int) -> tuple[float, float]:
             ids.append(client.post("/tasks", json=ECHO).json()["id"])
             time.sleep(0.005)  # one at a time: latency, not throughput
         for task_id in ids:
-            deadline = time.monotonic() + 30
-            while (task := client.get(f"/tasks/{task_id}").json())[
-                "status"
-            ] != "succeeded":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(task)
-                time.sleep(0.01)
+            task = _succeeded(client, task_id)
             created = datetime.fromisoformat(task["created_at"])
             spans.append(
                 (datetime.fromisoformat(task["finished_at"]) - created).total_seconds()
             )
-    return _percentiles(spans)
+    return percentiles(spans)
 
 
 def health_latency(url: str, count: int) -> tuple[float, float]:
@@ -240,7 +131,7 @@ def health_latency(url: str, count: int) -> tuple[float, float]:
             client.get(f"{url}/health").raise_for_status()
             times.append(time.perf_counter() - started)
             time.sleep(0.005)
-    return _percentiles(times)
+    return percentiles(times)
 
 
 def worker_rate(redis_url: str, jobs: int, processes: int, phase: int | None) -> float:
@@ -277,100 +168,6 @@ def worker_rate(redis_url: str, jobs: int, processes: int, phase: int | None) ->
     ends = [datetime.fromisoformat(e.decode()) for _, e in stamps]
     connection.close()
     return jobs / (max(ends) - min(starts)).total_seconds()
-
-
-FIGURES = ("http", "durability", "workers", "loop")
-
-
-def run(
-    phases: list[int],
-    seconds: float,
-    jobs: int,
-    out_dir: Path,
-    figures: Sequence[str] = FIGURES,
-) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "seconds": seconds,
-    }
-    http, durable = "http" in figures, "durability" in figures
-    queue_phases = [p for p in phases if queued(p)]
-    measure_workers = "workers" in figures and bool(queue_phases)
-    measure_loop = "loop" in figures and 1 in phases
-    steps = http + len(phases) * (http + durable) + measure_workers + measure_loop
-    with (
-        Progress(*Progress.get_default_columns(), console=console) as progress,
-        tempfile.TemporaryDirectory() as data,
-        EmbeddedRedis(Path(data)) as redis_url,
-    ):
-        bar = progress.add_task("bench", total=steps)
-
-        def step(text: str) -> None:
-            progress.update(bar, description=text)
-
-        if http:
-            step("bare FastAPI (baseline)")
-            with service("taskman.baseline") as url:
-                results["baseline_post"] = asdict(
-                    load(f"{url}/tasks", seconds, body=ECHO)
-                )
-                results["baseline_get"] = asdict(
-                    load(f"{url}/tasks/{'0' * 32}", seconds)
-                )
-            progress.advance(bar)
-        for phase in phases:
-            results[f"phase{phase}"] = {}
-            if not http:
-                continue
-            step(f"phase {phase}: POST, GET, echo latency")
-            env = {
-                "TASKMAN_REDIS_URL": redis_url,
-                "TASKMAN_MAX_QUEUED": "1000000",
-                "TASKMAN_QUEUE_NAME": f"bench-phase{phase}",
-                **UNLIMITED,
-            }
-            with service(PHASES[phase], env) as url:
-                post = load(f"{url}/tasks", seconds, body=ECHO)
-                if queued(phase):
-                    redis.Redis.from_url(redis_url).delete(
-                        f"rq:queue:bench-phase{phase}"
-                    )
-                with workers(1 if queued(phase) else 0, env, phase):
-                    task_id = finished_task(url)
-                    echo = echo_latency(url, max(50, jobs // 10))
-                get = load(f"{url}/tasks/{task_id}", seconds)
-            results[f"phase{phase}"] = {
-                "post": asdict(post),
-                "get": asdict(get),
-                "echo_p50_ms": echo[0],
-                "echo_p99_ms": echo[1],
-            }
-            progress.advance(bar)
-        for phase in phases if durable else []:
-            step(f"phase {phase}: durability (kill -9 mid-run)")
-            results[f"phase{phase}"]["durability"] = durability(phase, Path(data))
-            progress.advance(bar)
-        if measure_workers:
-            # Ours: the worker of the latest phase measured.
-            ours = results["workers_phase"] = max(queue_phases)
-            step("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
-            results["workers"] = {
-                f"{kind}_{n}": round(worker_rate(redis_url, jobs, n, phase), 1)
-                for kind, phase in (("stock", None), ("taskman", ours))
-                for n in (1, 2)
-            }
-            progress.advance(bar)
-        if measure_loop:
-            step("phase 1: /health while the pool is busy")
-            results["loop"] = loop_figures(seconds)
-            progress.advance(bar)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench-{results['date'][:19].replace(':', '')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    results["json"] = str(path)
-    return results
 
 
 def durability(phase: int, data: Path, count: int = 200) -> dict[str, int]:
@@ -444,67 +241,3 @@ def loop_figures(seconds: float) -> dict[str, Any]:
             time.sleep(0.3)
             figures[label] = health_latency(url, count)
     return figures
-
-
-def table(results: dict[str, Any]) -> str:
-    def ratio(value: float, base: float) -> str:
-        return f"{value / base:.0%}" if base else "-"
-
-    lines = [f"Run {results['date']} on {results['machine']}."]
-    measured = [
-        k for k in ("phase1", "phase2", "phase3") if "post" in results.get(k, {})
-    ]
-    if "baseline_post" in results:
-        bp, bg = results["baseline_post"], results["baseline_get"]
-        lines += [
-            f"HTTP load: {bp['tool']}, {results['seconds']} s per figure.",
-            "",
-            "| | POST /tasks req/s | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | vs bare | echo submit→done p50 / p99 ms |",
-            "|---|---|---|---|---|---|---|",
-            f"| bare FastAPI | {bp['rps']:.0f} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | 100% | - |",
-        ]
-        for key in measured:
-            r = results[key]
-            lines.append(
-                f"| {key} | {r['post']['rps']:.0f} | {ratio(r['post']['rps'], bp['rps'])} | "
-                f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | "
-                f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
-            )
-    durable = [
-        k for k in ("phase1", "phase2", "phase3") if "durability" in results.get(k, {})
-    ]
-    if durable:
-        lines += [
-            "",
-            "| kill -9 mid-run, then restart | tasks accepted | lost |",
-            "|---|---|---|",
-        ]
-        for key in durable:
-            d = results[key]["durability"]
-            lines.append(f"| {key} | {d['submitted']} | {d['lost']} |")
-    if "phase2" in measured and "phase3" in measured:
-        p2, p3 = results["phase2"], results["phase3"]
-        lines += [
-            "",
-            f"Phase 3 vs phase 2: POST {ratio(p3['post']['rps'], p2['post']['rps'])}, "
-            f"GET {ratio(p3['get']['rps'], p2['get']['rps'])} (phase 3 GET is served by its cache).",
-        ]
-    if "workers" in results:
-        w = results["workers"]
-        lines += [
-            "",
-            "| worker on echo, jobs/s | 1 process | 2 processes |",
-            "|---|---|---|",
-            f"| stock `rq worker` (SimpleWorker) | {w['stock_1']} | {w['stock_2']} |",
-            f"| taskman worker --phase {results.get('workers_phase', 2)} | {w['taskman_1']} ({ratio(w['taskman_1'], w['stock_1'])}) | "
-            f"{w['taskman_2']} ({ratio(w['taskman_2'], w['stock_2'])}) |",
-        ]
-    if "loop" in results:
-        lines += [
-            "",
-            "| phase 1 /health while hashing | p50 ms | p99 ms |",
-            "|---|---|---|",
-        ]
-        for label, (p50, p99) in results["loop"].items():
-            lines.append(f"| {label} | {p50} | {p99} |")
-    return "\n".join(lines)

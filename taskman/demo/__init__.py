@@ -1,5 +1,10 @@
-"""``taskman demo`` (being split into modules)."""
+"""``taskman demo``: a narrated tour of the three phases, live, against real
+processes: what each phase promises, and what it cannot keep.
 
-from taskman.demo.narration import run
+Every server, worker and Redis it starts is stopped again when it ends, on an error,
+Ctrl-C, SIGTERM or a closed terminal included (a second Ctrl-C stops them at once).
+"""
+
+from taskman.demo.tour import run
 
 __all__ = ["run"]
