@@ -11,8 +11,8 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from phase3_production.redis_client import connect_async
 from phase3_production.autopipeline import AutoPipeline
+from phase3_production.redis_client import connect_async
 from taskman.redis_server import EmbeddedRedis, free_port
 
 
