@@ -6,7 +6,6 @@ one of those fails, rather than a job.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from common.settings import Settings
 from phase3_production.enqueue import ENQUEUE
 from tests.conftest import submit, wait_for
 from tests.processes import drain_queue
+from tests.test_phase2 import start_worker
 
 
 @pytest.fixture
@@ -35,21 +35,6 @@ def queue_settings(redis_url: str) -> Settings:
         queue_name=f"e{uuid.uuid4().hex[:8]}",
         retry_backoff=[0],
         rate_limit_submit="100000/second",
-    )
-
-
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "TASKMAN_REDIS_URL": str(settings.redis_url),
-        "TASKMAN_QUEUE_NAME": settings.queue_name,
-        "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "3"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
 
 
@@ -119,7 +104,7 @@ def test_the_worker_skips_round_trips_but_not_what_rq_tools_show(
         keys = connection.smembers(f"rq:workers:{queue_settings.queue_name}")
         return {connection.hget(key, "state") or b"" for key in keys}
 
-    worker = start_worker(queue_settings)
+    worker = start_worker(queue_settings, phase=3)
     try:
         with TestClient(phase3_production.create_app(queue_settings)) as client:
             task = submit(client, "sleep", seconds=1)

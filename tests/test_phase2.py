@@ -43,7 +43,9 @@ def queue_settings(redis_url: str) -> Settings:
     )
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, phase: int = 2) -> subprocess.Popen[bytes]:
+    """A real ``taskman worker`` of ``phase`` on the settings' queue, quick to
+    notice a dead worker's job."""
     env = {
         **os.environ,
         "TASKMAN_REDIS_URL": str(settings.redis_url),
@@ -51,7 +53,7 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
         "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "2"],
+        [sys.executable, "-m", "taskman", "worker", "--phase", str(phase)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
