@@ -1,4 +1,4 @@
-"""The wire format of CONTRACT.md: what a client sends and what it gets back."""
+"""The wire format of docs/contract.md: what a client sends and what it gets back."""
 
 import hashlib
 import json

@@ -1,4 +1,4 @@
-"""The contract of shared/CONTRACT.md, run once per phase."""
+"""The contract of docs/contract.md, run once per phase."""
 
 import time
 import uuid
@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from common.settings import Settings
 from tests.conftest import CAPACITY, submit, wait_for
 
-# SHA-256 chained 1000 times over b"taskman" (CONTRACT.md), worked out once.
+# SHA-256 chained 1000 times over b"taskman" (docs/contract.md), worked out once.
 TASKMAN_X1000 = "c5717e50f784f8c8392ef30eb6e46e2f6a5e2316ab5b2e5c453106e5d41fa950"
 
 

@@ -932,9 +932,8 @@ def check_link(page: Path, item: Inline) -> str | None:
     path, _, anchor = href.partition("#")
     target = (page.parent / unquote(path)).resolve() if path else page
     if page.resolve().is_relative_to(ROOT) and not target.is_relative_to(ROOT):
-        # Outside the repository (the shared CONTRACT.md the project sits beside):
-        # not ours to check, and absent from a plain clone.
-        return None
+        # Absent from a plain clone, whatever is there on this machine.
+        return f"{rel(page)}:{item.line}: link to {href} leaves the repository"
     if not target.exists():
         return f"{rel(page)}:{item.line}: link to {href}: {rel(target)} does not exist"
     if anchor and target.suffix == ".md" and unquote(anchor) not in anchors(target):
@@ -1082,6 +1081,13 @@ def test_links_and_paths_are_checked(tmp_path: Path) -> None:
     assert (
         len(missing) == 2 and "common/gone.py" in missing[0] and "nowhere" in missing[1]
     )
+
+
+def test_a_link_that_leaves_the_repository_is_caught() -> None:
+    # ../shared/CONTRACT.md was on the machine the docs were written on; a clone
+    # has no such file.
+    outside = Inline(1, "link", "../shared/CONTRACT.md")
+    assert "leaves the repository" in (check_link(ROOT / "README.md", outside) or "")
 
 
 def test_unknown_block_tags_fail(tmp_path: Path) -> None:
