@@ -8,7 +8,6 @@ task, and stock ``rq`` tools and rq-dashboard see every job.
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -71,23 +70,20 @@ class RQBackend:
         if idempotency_key is None:
             return to_task(self._enqueue(task), None), True
         # The key and the job go in one transaction (MULTI/EXEC), watched: if
-        # another request takes the key meanwhile, go again and find its task.
+        # another request takes the key meanwhile, redis-py goes again, and this
+        # time finds its task.
         key = f"taskman:idempotency:{idempotency_key}"
-        with self._redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)  # type: ignore[no-untyped-call]
-                    earlier = self._repeat(pipe.get(key), request)
-                    if earlier is not None:
-                        return earlier, False
-                    pipe.multi()
-                    record = f"{request.fingerprint()} {task.id}"
-                    pipe.set(key, record, ex=self._settings.idempotency_ttl)
-                    job = self._enqueue(task, pipeline=pipe)
-                    pipe.execute()
-                    return to_task(job, None), True
-                except redis.WatchError:
-                    continue
+
+        def once(pipe: Any) -> tuple[Task, bool]:
+            earlier = self._repeat(pipe.get(key), request)
+            if earlier is not None:
+                return earlier, False
+            pipe.multi()
+            record = f"{request.fingerprint()} {task.id}"
+            pipe.set(key, record, ex=self._settings.idempotency_ttl)
+            return to_task(self._enqueue(task, pipeline=pipe), None), True
+
+        return _transaction(self._redis, once, key)
 
     def _enqueue(self, task: Task, pipeline: Any = None) -> TaskJob:
         retries = task.max_retries
@@ -135,29 +131,24 @@ class RQBackend:
 
     def _cancel(self, task_id: str) -> bool:
         """RQ's own cancel, in a transaction that fails if the job changes meanwhile."""
-        with self._redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(f"rq:job:{task_id}")  # type: ignore[no-untyped-call]
-                    try:
-                        job = TaskJob.fetch(
-                            task_id, connection=self._redis, serializer=JSONSerializer
-                        )
-                        job.kwargs  # noqa: B018  # not JSON: not one of ours
-                    except (NoSuchJobError, DeserializationError):
-                        return False
-                    status = STATUSES.get(
-                        job.get_status(refresh=False), TaskStatus.QUEUED
-                    )
-                    if status.finished:
-                        raise TaskFinished(f"task is already {status}")
-                    pipe.multi()
-                    job.cancel(pipeline=pipe)
-                    pipe.hset(job.key, "ended_at", utcformat(now()))
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def once(pipe: Any) -> bool:
+            try:
+                job = TaskJob.fetch(
+                    task_id, connection=self._redis, serializer=JSONSerializer
+                )
+                job.kwargs  # noqa: B018  # not JSON: not one of ours
+            except (NoSuchJobError, DeserializationError):
+                return False
+            status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
+            if status.finished:
+                raise TaskFinished(f"task is already {status}")
+            pipe.multi()
+            job.cancel(pipeline=pipe)
+            pipe.hset(job.key, "ended_at", utcformat(now()))
+            return True
+
+        return _transaction(self._redis, once, f"rq:job:{task_id}")
 
     async def health(self) -> dict[str, Any]:
         return await _off_the_loop(self._health)
@@ -180,6 +171,13 @@ async def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(function, *args)
 
 
+def _transaction(connection: redis.Redis, once: Callable[[Any], T], key: str) -> T:
+    """redis-py's ``transaction()``: ``once(pipe)`` with ``key`` watched, again until
+    the key did not change meanwhile; ``once``'s value (redis-py types it None)."""
+    value = connection.transaction(once, key, value_from_callable=True)  # type: ignore[arg-type]
+    return cast(T, value)
+
+
 def to_task(job: TaskJob, latest: Result | None) -> Task:
     status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
     if status is TaskStatus.QUEUED and job.attempts:
@@ -199,9 +197,10 @@ def to_task(job: TaskJob, latest: Result | None) -> Task:
         error=error,
         attempts=job.attempts,
         max_retries=job.meta.get("max_retries", 0),
-        created_at=_utc(job.created_at) or now(),
-        started_at=_utc(job.started_at) if job.attempts else None,
-        finished_at=_utc(job.ended_at) if status.finished else None,
+        # RQ's dates are aware, in UTC.
+        created_at=job.created_at,
+        started_at=job.started_at if job.attempts else None,
+        finished_at=job.ended_at if status.finished else None,
     )
 
 
@@ -211,12 +210,6 @@ def _short_error(exc_string: str, job: TaskJob) -> str:
         # Not a traceback: RQ's note on a job whose worker died.
         return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
     return describe_traceback(exc_string)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # Redis is up but will not write: out of memory (maxmemory, noeviction), a read-only
