@@ -47,14 +47,15 @@ def _throughput(results: dict[str, Any], path: Path, stamp: str) -> Path:
 
 def _workers(workers: dict[str, float], path: Path, stamp: str) -> Path:
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    for offset, kind, label in (
-        (-0.2, "stock", "stock rq worker (SimpleWorker)"),
-        (0.2, "taskman", "taskman worker"),
-    ):
+    kinds = sorted(k[: -len("_1")] for k in workers if k.endswith("_1"))
+    width = 0.8 / len(kinds)
+    for index, kind in enumerate(kinds):
+        offset = (index - (len(kinds) - 1) / 2) * width
+        label = "stock rq worker (SimpleWorker)" if kind == "stock" else kind
         axes.bar(
             [1 + offset, 2 + offset],
             [workers[f"{kind}_1"], workers[f"{kind}_2"]],
-            width=0.4,
+            width=width,
             label=label,
         )
     axes.set_xticks([1, 2], ["1 process", "2 processes"])

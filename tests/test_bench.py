@@ -46,7 +46,7 @@ def test_bench_quick_measures_every_phase_and_leaves_no_process(tmp_path: Path) 
     assert figures["phase1"]["durability"]["lost"] > 0
     assert figures["phase2"]["durability"]["lost"] == 0
     assert figures["phase3"]["durability"]["lost"] == 0
-    assert figures["workers"]["taskman_1"] > 0
+    assert figures["workers"]["phase3_1"] > 0
     assert {p.name for p in (tmp_path / "img").glob("*.png")} == {
         "throughput.png",
         "workers.png",

@@ -105,12 +105,13 @@ def run(
             results[f"phase{phase}"]["durability"] = durability(phase, Path(data))
             progress.advance(bar)
         if measure_workers:
-            # Ours: the worker of the latest phase measured.
-            ours = results["workers_phase"] = max(queue_phases)
-            step("workers: stock RQ SimpleWorker vs ours, 1 and 2 processes")
+            # Stock RQ's, then each queued phase's own: plain RQ (2), the engine
+            # room's (3).
+            step("workers: stock RQ SimpleWorker vs each phase's, 1 and 2 processes")
+            kinds = [("stock", None)] + [(f"phase{p}", p) for p in queue_phases]
             results["workers"] = {
                 f"{kind}_{n}": round(worker_rate(redis_url, jobs, n, phase), 1)
-                for kind, phase in (("stock", None), ("taskman", ours))
+                for kind, phase in kinds
                 for n in (1, 2)
             }
             progress.advance(bar)

@@ -53,9 +53,14 @@ def table(results: dict[str, Any]) -> str:
             "| worker on echo, jobs/s | 1 process | 2 processes |",
             "|---|---|---|",
             f"| stock `rq worker` (SimpleWorker) | {w['stock_1']} | {w['stock_2']} |",
-            f"| taskman worker --phase {results.get('workers_phase', 2)} | {w['taskman_1']} ({ratio(w['taskman_1'], w['stock_1'])}) | "
-            f"{w['taskman_2']} ({ratio(w['taskman_2'], w['stock_2'])}) |",
         ]
+        for kind in sorted(k[: -len("_1")] for k in w if k.endswith("_1")):
+            if kind != "stock":
+                lines.append(
+                    f"| taskman worker --phase {kind[len('phase') :]} | {w[kind + '_1']} "
+                    f"({ratio(w[kind + '_1'], w['stock_1'])}) | {w[kind + '_2']} "
+                    f"({ratio(w[kind + '_2'], w['stock_2'])}) |"
+                )
     if "loop" in results:
         lines += [
             "",
