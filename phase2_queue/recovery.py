@@ -15,13 +15,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from uuid import uuid4
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
+from rq.executions import Execution
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
@@ -73,7 +74,8 @@ class RecoveringWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.heartbeat_ttl = heartbeat_ttl
         self.scheduler_name = scheduler_name or uuid4().hex
-        self._running: Job | None = None
+        # The job being run and its execution, for the keeper to beat.
+        self._running: tuple[Job, Execution] | None = None
         self._job_beat_at = 0.0
         self._lock = threading.Lock()
         self._stop_keeper = threading.Event()
@@ -92,33 +94,47 @@ class RecoveringWorker(SimpleWorker):
 
     # --- short heartbeats, beaten by the keeper while the job runs
 
-    def get_heartbeat_ttl(self, job: Job) -> int:
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
 
-    def prepare_job_execution(self, job: Job, *args: Any, **kwargs: Any) -> None:
-        super().prepare_job_execution(job, *args, **kwargs)
-        with self._lock:
-            self._running, self._job_beat_at = job, time.monotonic()
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """RQ's, with the job and its execution shown to the keeper while it runs.
 
-    def cleanup_execution(self, job: Job, pipeline: Any) -> None:
+        Here, not in prepare_job_execution(), which RQ does not give the execution
+        (and ``self.execution`` is a property over all of a worker's executions
+        that reads Redis when there are none). The execution's heartbeat TTL runs
+        from prepare_execution(), just before this call: the keeper's clock too.
+        """
+        with self._lock:
+            self._running, self._job_beat_at = (job, execution), time.monotonic()
+        try:
+            performed: bool = super().perform_job(job, queue, execution)
+            return performed
+        finally:
+            with self._lock:  # even if RQ's bookkeeping raised
+                self._running = None
+
+    def cleanup_execution(
+        self, job: Job, pipeline: Any, execution: Execution | None = None
+    ) -> None:
         with self._lock:  # no heartbeat may land after the execution is gone
             self._running = None
-        super().cleanup_execution(job, pipeline)
+        super().cleanup_execution(job, pipeline, execution)
 
     def _keep(self) -> None:
         last_cleanup = time.monotonic()
         while not self._stop_keeper.wait(min(1.0, self.heartbeat_ttl / 4)):
-            try:
-                with self._lock:
-                    due = time.monotonic() - self._job_beat_at > self.heartbeat_ttl / 3
-                    if self._running is not None and due and self.execution:
-                        self.maintain_heartbeats(self._running)
-                        self._job_beat_at = time.monotonic()
-                if time.monotonic() - last_cleanup > self.maintenance_interval:
-                    self._clean_started_jobs()
-                    last_cleanup = time.monotonic()
-            except redis.RedisError as error:
-                log.warning("worker keeper: %s", error)
+            _keeping(self._beat)
+            due = time.monotonic() - last_cleanup > self.maintenance_interval
+            if due and _keeping(self._clean_started_jobs):
+                last_cleanup = time.monotonic()
+
+    def _beat(self) -> None:
+        with self._lock:
+            due = time.monotonic() - self._job_beat_at > self.heartbeat_ttl / 3
+            if self._running is not None and due:
+                self.maintain_heartbeats(*self._running)
+                self._job_beat_at = time.monotonic()
 
     # --- frequent clean-up
 
@@ -242,6 +258,20 @@ class TaskScheduler(RQScheduler):
                     return
                 self.log.warning("scheduler lost Redis (%s); retrying", error)
                 time.sleep(1)
+
+
+def _keeping(step: Callable[[], None]) -> bool:
+    """Run one of the keeper's steps; whether it went through. Whatever it raises,
+    the keeper goes on: one that died (a TypeError from an RQ whose hooks changed,
+    say) would stop the beats, and a running job would be taken for abandoned."""
+    try:
+        step()
+        return True
+    except redis.RedisError as error:
+        log.warning("worker keeper: %s", error)
+    except Exception:
+        log.exception("worker keeper: %s failed; going on", step.__name__)
+    return False
 
 
 def in_scheduler_child() -> None:

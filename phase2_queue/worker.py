@@ -14,6 +14,7 @@ from uuid import uuid4
 
 import redis
 from rq import Queue
+from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -30,12 +31,12 @@ class TaskWorker(RecoveringWorker):
 
     _canceled = False  # set by the running task's last checkpoint()
 
-    def perform_job(self, job: Job, queue: Queue) -> bool:
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         assert isinstance(job, TaskJob)
         self._canceled = False
         # prepare_for_execution (inside perform_job) counts this attempt.
         with task_context(job.attempts + 1, lambda: self._is_canceled(job)):
-            performed: bool = super().perform_job(job, queue)
+            performed: bool = super().perform_job(job, queue, execution)
             return performed
 
     def _is_canceled(self, job: Job) -> bool:
@@ -49,14 +50,18 @@ class TaskWorker(RecoveringWorker):
         queue: Queue,
         started_job_registry: Any = None,
         exc_string: str = "",
+        execution: Execution | None = None,
     ) -> None:
         if self._canceled:
             # It stopped because DELETE canceled it: not a failure, no retry.
+            # (Without its execution, RQ's clean-up would quietly do nothing.)
             with self.connection.pipeline() as pipeline:
-                self.cleanup_execution(job, pipeline=pipeline)
+                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
                 pipeline.execute()
             return
-        super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        super().handle_job_failure(
+            job, queue, started_job_registry, exc_string, execution=execution
+        )
 
 
 def run_worker(

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from rq import Queue
 from rq.exceptions import DeserializationError
+from rq.executions import Execution
 from rq.job import Job
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -39,9 +40,9 @@ class FastWorker(phase2.TaskWorker):
 
     # --- outcome counting
 
-    def perform_job(self, job: Job, queue: Queue) -> bool:
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         self._task_type = _task_type(job)
-        return super().perform_job(job, queue)
+        return super().perform_job(job, queue, execution)
 
     def handle_job_failure(
         self,
@@ -49,9 +50,12 @@ class FastWorker(phase2.TaskWorker):
         queue: Queue,
         started_job_registry: Any = None,
         exc_string: str = "",
+        execution: Execution | None = None,
     ) -> None:
         self._failure = "retried" if job.should_retry else "failed"
-        super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        super().handle_job_failure(
+            job, queue, started_job_registry, exc_string, execution=execution
+        )
 
     def increment_successful_job_count(self, pipeline: Any = None) -> None:
         super().increment_successful_job_count(pipeline)
@@ -94,8 +98,10 @@ class FastWorker(phase2.TaskWorker):
         super().set_state(state, pipeline)
         self._state_written = state
 
-    def cleanup_execution(self, job: Job, pipeline: Any) -> None:
-        super().cleanup_execution(job, pipeline)
+    def cleanup_execution(
+        self, job: Job, pipeline: Any, execution: Execution | None = None
+    ) -> None:
+        super().cleanup_execution(job, pipeline, execution)
         self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
 
     def handle_execution_ended(

@@ -101,6 +101,50 @@ def test_a_task_whose_worker_is_killed_is_retried_or_failed_within_30s(
                 worker.wait()
 
 
+@pytest.mark.parametrize("phase", [2, 3])
+def test_a_task_longer_than_its_heartbeat_ttl_runs_once_to_the_end(
+    queue_settings: Settings, phase: int
+) -> None:
+    """The worker's keeper thread beats the running job's heartbeat (a 4 s TTL
+    here): a task that runs longer is not taken for a dead worker's. A keeper that
+    an RQ upgrade broke would let the clean-up (the idle worker's, here) fail it
+    as abandoned, mid-run."""
+    workers = [start_worker(queue_settings, phase) for _ in range(2)]
+    try:
+        with TestClient(create_app(queue_settings)) as client:
+            task = submit(client, "sleep", seconds=7, max_retries=0)
+            final = wait_for(client, task["id"], timeout=30)
+        assert (final["status"], final["attempts"]) == ("succeeded", 1), final
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
+@pytest.mark.parametrize("phase", [2, 3])
+def test_a_task_canceled_mid_run_leaves_no_execution_behind(
+    queue_settings: Settings, phase: int
+) -> None:
+    """The worker's canceled path (not a failure) cleans up RQ's record of the run
+    itself: nothing left in the started registry or the worker's executions."""
+    connection = redis.Redis.from_url(str(queue_settings.redis_url))
+    worker = start_worker(queue_settings, phase)
+    try:
+        with TestClient(create_app(queue_settings)) as client:
+            task = submit(client, "sleep", seconds=30)
+            wait_for(client, task["id"], "running")
+            assert client.delete(f"/tasks/{task['id']}").status_code == 200
+            after = submit(client, "echo", value=1)  # the worker has moved on
+            assert wait_for(client, after["id"])["status"] == "succeeded"
+        assert connection.zcard(f"rq:wip:{queue_settings.queue_name}") == 0
+        assert not connection.keys(f"rq:execution:{task['id']}:*")
+        for key in connection.smembers(f"rq:workers:{queue_settings.queue_name}"):
+            assert connection.scard(key + b":executions") == 0
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_every_accepted_task_survives_a_redis_kill(own_redis: EmbeddedRedis) -> None:
     settings = Settings(redis_url=own_redis.url, retry_backoff=[0])
     with TestClient(create_app(settings)) as client:
