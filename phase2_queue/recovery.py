@@ -23,6 +23,7 @@ from uuid import uuid4
 import redis
 from rq import Queue, SimpleWorker, worker_registration
 from rq.executions import Execution
+from rq.group import Group
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
@@ -161,6 +162,14 @@ class RecoveringWorker(SimpleWorker):
         for queue in self.queues:
             worker_registration.clean_worker_registry(queue)
         self.last_cleaned_at = now()  # type: ignore[assignment]  # rq infers None
+
+    def clean_group_registries(self) -> None:
+        """RQ's (the main loop's other clean-up, of job groups, which we do not
+        use), without its INFO line: RQ's maintenance comes every 10 minutes, ours
+        every few seconds, and the line would fill the worker's log."""
+        lock_timeout = max(int(self.maintenance_interval) - 1, 1)
+        if Group.acquire_maintenance_lock(self.connection, lock_timeout):
+            Group.clean_registries(connection=self.connection)
 
     @contextmanager
     def _maintenance_lock(self, queue: Queue) -> Iterator[bool]:
