@@ -62,10 +62,11 @@ class TaskJob(Job):
 
     def retry(self, queue: Queue, pipeline: Any) -> None:
         """RQ's, with every write of a delayed retry in the caller's pipeline. RQ's
-        writes the status and the scheduled-registry entry at once (the registry's
-        schedule() ignores its pipeline), before the pipeline that records the
-        failed attempt: a worker killed in between leaves the job both scheduled
-        and started, with its retry not counted, so it runs once too often."""
+        writes the status at once (its set_status() is not given the pipeline),
+        before the pipeline that records the failed attempt: a worker killed in
+        between leaves the job marked scheduled but in no scheduled registry, and
+        RQ's clean-up of the started registry passes over it (it takes back only
+        jobs still marked started), so it would never run again."""
         interval = self.get_retry_interval()
         if not interval:
             super().retry(queue, pipeline)  # queued at once: all in the pipeline
