@@ -1,8 +1,8 @@
 """Engine room: phase 2's worker with fewer Redis round trips per job, and the
 outcome counts /metrics reads.
 
-RQ's loop makes ~18 round trips for a no-op job, and they, not the job, set the
-pace of a worker. The overrides below save 10 of them (measured in docs/phase3.md,
+RQ's loop makes ~20 round trips for a no-op job (rq 3.0), and they, not the job,
+set the pace of a worker. The overrides below save 13 of them (measured in docs/phase3.md,
 "the engine room"); the jobs and what `rq info` and rq-dashboard show stay RQ's.
 What they cost: they lean on when RQ calls which method, so an RQ upgrade is
 checked by tests/test_engine_room.py (busy/idle states, `rq suspend`).
