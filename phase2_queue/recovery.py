@@ -99,13 +99,8 @@ class RecoveringWorker(SimpleWorker):
         return self.heartbeat_ttl
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
-        """RQ's, with the job and its execution shown to the keeper while it runs.
-
-        Here, not in prepare_job_execution(), which RQ does not give the execution
-        (and ``self.execution`` is a property over all of a worker's executions
-        that reads Redis when there are none). The execution's heartbeat TTL runs
-        from prepare_execution(), just before this call: the keeper's clock too.
-        """
+        """RQ's, with the job and its execution shown to the keeper while it runs
+        (here: prepare_job_execution() is not given the execution)."""
         with self._lock:
             self._running, self._job_beat_at = (job, execution), time.monotonic()
         try:
