@@ -36,9 +36,7 @@ def test_health_counts_only_workers_whose_heartbeat_is_recent(
     fresh, stale, gone, garbled = (f"rq:worker:{queue}-{n}" for n in range(4))
     connection.hset(fresh, "last_heartbeat", utcformat(now()))
     # A SIGKILLed worker: still registered, its hash alive for a minute more.
-    connection.hset(
-        stale, "last_heartbeat", utcformat(now() - timedelta(seconds=40))
-    )
+    connection.hset(stale, "last_heartbeat", utcformat(now() - timedelta(seconds=40)))
     connection.hset(garbled, "last_heartbeat", "not a date")
     connection.sadd(f"rq:workers:{queue}", fresh, stale, gone, garbled)
     settings = Settings(redis_url=redis_url, queue_name=queue)
@@ -123,12 +121,12 @@ def test_serve_replaces_killed_workers_and_loses_no_task(
             _wait_for_live_workers(client, workers, server.pid)
             rng = random.Random(phase)
             ids = []
+            every = tasks // (kills + 1)  # the kills spread over the submissions
             for n in range(tasks):
                 ids.append(_submit(client, rng))
-                if n % (tasks // (kills + 1)) == tasks // (kills + 1) - 1:
-                    if len(killed) < kills:
-                        killed.append(_kill_a_worker(server.pid))
-                        time.sleep(0.5)  # let the replacement's backoff run
+                if n % every == every - 1 and len(killed) < kills:
+                    killed.append(_kill_a_worker(server.pid))
+                    time.sleep(0.5)  # let the replacement's backoff run
             statuses = _wait_until_finished(client, ids)
             assert statuses.get("succeeded", 0) >= tasks - kills, statuses
             assert set(statuses) <= {"succeeded", "failed"}, statuses
@@ -156,9 +154,7 @@ def _submit(client: httpx.Client, rng: random.Random) -> str:
 
 def _worker_pids(server_pid: int) -> list[int]:
     return [
-        pid
-        for pid in children(server_pid)
-        if " worker --phase" in command_line(pid)
+        pid for pid in children(server_pid) if " worker --phase" in command_line(pid)
     ]
 
 
