@@ -70,6 +70,7 @@ class Supervisor:
         self._poll = poll
         self._places = [_Place(n + 1, backoff.first) for n in range(count)]
         self._stopping = threading.Event()
+        self._finished = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="supervisor")
 
@@ -87,15 +88,21 @@ class Supervisor:
 
     def wait(self) -> None:
         """Until every worker is done: burst workers that ran the queue dry (else
-        until stopped). A signal handler still runs meanwhile."""
-        while self._thread.is_alive():
-            self._thread.join(timeout=0.5)
+        until stopped). A signal handler still runs meanwhile.
+
+        An Event, not Thread.join(): on Python 3.11 a join that a signal handler
+        interrupts (our SIGTERM's sys.exit) marks the thread as ended (threading's
+        bpo-45274 clean-up), and then nobody waits for the workers to stop.
+        """
+        if self._thread.ident is None:
+            return  # never started
+        while not self._finished.wait(timeout=0.5):
+            pass
 
     def stop(self) -> None:
         """Stop the workers: RQ's warm shutdown, then a kill after the grace."""
         self._stopping.set()
-        if self._thread.is_alive():
-            self.wait()
+        self.wait()
 
     # --- the supervising thread
 
@@ -107,6 +114,7 @@ class Supervisor:
                 self._stopping.wait(self._poll)
         finally:
             self._stop_all()
+            self._finished.set()
 
     def _watch(self, now: float) -> bool:
         """Reap the dead, start what is due; whether any place is still busy."""

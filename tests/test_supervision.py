@@ -22,7 +22,7 @@ from common.settings import Settings
 from taskman.processes import children, command_line, send
 from taskman.redis_server import free_port
 from taskman.supervisor import Backoff, Supervisor
-from tests.processes import taskman
+from tests.processes import alive, descendants, taskman
 
 FINISHED = ("succeeded", "failed", "canceled")
 
@@ -86,6 +86,37 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
             time.sleep(0.05)
     assert supervisor.pids() == []
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_worker_concurrency_replaces_a_killed_worker_and_stops_them_all_on_sigterm(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {"TASKMAN_REDIS_URL": redis_url, "TASKMAN_QUEUE_NAME": uuid4().hex}
+    parent = taskman(
+        "worker", "--phase", "2", "--concurrency", "2", env=env, log=tmp_path / "log"
+    )
+    try:
+        first = _wait_for_workers(parent.pid, 2)
+        send(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while first[0] in (now_running := _wait_for_workers(parent.pid, 2)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        below = descendants(parent.pid)
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(timeout=30)
+    assert code == 0
+    assert first[1] in now_running
+    assert [pid for pid in below if alive(pid)] == [], "a worker outlived its parent"
+
+
+def _wait_for_workers(parent_pid: int, count: int) -> list[int]:
+    deadline = time.monotonic() + 20
+    while len(pids := _worker_pids(parent_pid)) != count:
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.1)
+    return pids
 
 
 @pytest.mark.parametrize("phase", [2, 3])
