@@ -17,7 +17,13 @@ from rq.serializers import JSONSerializer
 from common.backend import IdempotencyConflict
 from common.models import Task, TaskCreate, new_task
 from common.settings import Settings
-from phase2_queue.backend import RQBackend, to_task, unavailable_when_redis_is_down
+from phase2_queue.backend import (
+    RQBackend,
+    live_workers,
+    to_task,
+    unavailable_when_redis_is_down,
+    worker_heartbeats,
+)
 from phase2_queue.jobs import TaskJob
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.enqueue import Enqueue
@@ -92,9 +98,9 @@ class FastRQBackend(RQBackend):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.ping()
                 pipe.llen(self._queue.key)
-                pipe.scard(f"rq:workers:{self._settings.queue_name}")
-                _, queued, workers = await pipe.execute()
-        return {"redis": "ok", "queued": queued, "workers": workers}
+                pipe.sort(**worker_heartbeats(self._settings.queue_name))
+                _, queued, beats = await pipe.execute()
+        return {"redis": "ok", "queued": queued, "workers": live_workers(beats)}
 
     async def aclose(self) -> None:
         await self.batch.aclose()

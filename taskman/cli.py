@@ -22,8 +22,9 @@ from rich.console import Console
 from common.settings import Settings
 from taskman.http import JSONErrorsHttpToolsProtocol
 from taskman.phases import LATEST, PHASES, queued
-from taskman.processes import Process, start, stop, taskman_command
+from taskman.processes import taskman_command
 from taskman.redis_server import EmbeddedRedis
+from taskman.supervisor import Supervisor
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
@@ -65,8 +66,8 @@ def serve(
                 logging.getLogger("taskman").info(
                     "embedded Redis at %s (data in %s)", url, redis_server.data_dir
                 )
-            for _ in range(workers):
-                stack.enter_context(_worker_process(phase))
+            if workers:
+                stack.enter_context(_workers(phase, workers))
         uvicorn.run(
             f"{module}:create_app",
             factory=True,
@@ -94,33 +95,23 @@ def worker(
     module = _module(phase)
     _log_setup()
     if concurrency > 1:
-        with ExitStack() as stack:
-            children = [
-                stack.enter_context(_worker_process(phase, burst))
-                for _ in range(concurrency)
-            ]
-            for child in children:
-                child.wait()
+        # SIGTERM as Ctrl-C: stop the workers (warm) on the way out.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        with _workers(phase, concurrency, burst) as supervisor:
+            supervisor.wait()
         return
     # Each phase's own worker: phase 3's is the engine room's (fewer round trips).
     importlib.import_module(f"{module}.worker").run_worker(Settings(), burst=burst)
 
 
-class _worker_process:
-    """A ``taskman worker`` child that is stopped (then killed) on exit."""
+def _workers(phase: int, count: int, burst: bool = False) -> Supervisor:
+    """``count`` ``taskman worker`` children, each started again if it dies.
 
-    def __init__(self, phase: int, burst: bool = False) -> None:
-        args = ["worker", "--phase", str(phase)] + (["--burst"] if burst else [])
-        # Its log is ours: it writes to our terminal.
-        self.process = start(taskman_command(*args), log=None)
-
-    def __enter__(self) -> Process:
-        return self.process
-
-    def __exit__(self, *exc: object) -> None:
-        # RQ's warm shutdown: finish the current task. A task still running after
-        # the grace period is killed; its job goes back to the queue.
-        stop(self.process, timeout=10)
+    On exit, RQ's warm shutdown: each finishes its current task. A task still
+    running after the grace period is killed; its job goes back to the queue.
+    """
+    args = ["worker", "--phase", str(phase)] + (["--burst"] if burst else [])
+    return Supervisor(taskman_command(*args), count, burst=burst, grace=10)
 
 
 def _log_setup() -> None:
