@@ -6,17 +6,21 @@ documentation shows it. Nothing lives in the API process, so a restart loses no
 task, and stock ``rq`` tools and rq-dashboard see every job.
 """
 
+import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import anyio
 import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from rq import Retry
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import DeserializationError, NoSuchJobError
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat, utcparse
@@ -46,6 +50,15 @@ STATUSES = {
 }
 
 T = TypeVar("T")
+
+log = logging.getLogger("taskman")
+
+# What reading a job that another client wrote (or damaged) can raise: RQ's
+# DeserializationError for data no JSON decoder reads; ValueError (pydantic's
+# ValidationError is one) or TypeError and the like for a field of the wrong
+# shape (a date that is not a date, a payload that is not an object). Such a job
+# is not one of our tasks: 404, never a 500.
+UNREADABLE = (DeserializationError, ValueError, TypeError, AttributeError, KeyError)
 
 
 class RQBackend:
@@ -122,9 +135,14 @@ class RQBackend:
             job = TaskJob.fetch(
                 task_id, connection=self._redis, serializer=JSONSerializer
             )
-            return to_task(cast(TaskJob, job), job.latest_result())
-        except (NoSuchJobError, DeserializationError):
-            return None  # not JSON (a pickled job, say): not one of our tasks
+            latest = job.latest_result()
+            registry = end_registry(job, latest)
+            ended: Any = self._redis.zscore(registry, task_id) if registry else None
+            return to_task(cast(TaskJob, job), latest, ended)
+        except NoSuchJobError:
+            return None
+        except UNREADABLE as error:
+            return not_a_task(task_id, error)
 
     async def cancel(self, task_id: str) -> Task | None:
         canceled = await _off_the_loop(self._cancel, task_id)
@@ -139,7 +157,7 @@ class RQBackend:
                     task_id, connection=self._redis, serializer=JSONSerializer
                 )
                 job.kwargs  # noqa: B018  # not JSON: not one of ours
-            except (NoSuchJobError, DeserializationError):
+            except (NoSuchJobError, *UNREADABLE):
                 return False
             status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
             if status.finished:
@@ -216,7 +234,11 @@ def _transaction(connection: redis.Redis, once: Callable[[Any], T], key: str) ->
     return cast(T, value)
 
 
-def to_task(job: TaskJob, latest: Result | None) -> Task:
+def to_task(
+    job: TaskJob, latest: Result | None, ended_score: float | None = None
+) -> Task:
+    """The task a job is; ``ended_score``: the job's score in ``end_registry()``'s
+    registry, when that names one."""
     status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
     if status is TaskStatus.QUEUED and job.attempts:
         status = TaskStatus.RETRYING  # back in the queue after a failed attempt
@@ -234,12 +256,82 @@ def to_task(job: TaskJob, latest: Result | None) -> Task:
         result=result,
         error=error,
         attempts=job.attempts,
-        max_retries=job.meta.get("max_retries", 0),
+        max_retries=_max_retries(job.meta),
         # RQ's dates are aware, in UTC.
         created_at=job.created_at,
         started_at=job.started_at if job.attempts else None,
-        finished_at=job.ended_at if status.finished else None,
+        finished_at=_finished_at(job, latest, ended_score) if status.finished else None,
     )
+
+
+def _max_retries(meta: Any) -> int:
+    """Ours is in the job's meta; another client's meta may be anything (RQ reads
+    one it cannot decode, a pickle say, as ``{"unserialized": ...}``)."""
+    value = meta.get("max_retries") if isinstance(meta, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
+
+
+def end_registry(job: Job, latest: Result | None) -> str | None:
+    """The registry whose score dates the end of a finished job that has neither
+    ``ended_at`` nor a result: plain RQ's cancel (``rq`` tools, ``Job.cancel()``)
+    writes neither; None when the job's own fields date it (no read needed)."""
+    if job.ended_at is not None or latest is not None:
+        return None
+    status = job.get_status(refresh=False)
+    if status == JobStatus.CANCELED:
+        return CanceledJobRegistry(job.origin, connection=job.connection).key
+    if status in (JobStatus.FAILED, JobStatus.STOPPED):
+        return str(job.failed_job_registry.key)
+    return None
+
+
+def _finished_at(
+    job: TaskJob, latest: Result | None, ended_score: float | None
+) -> datetime:
+    """When a finished job ended: the best moment RQ recorded, for a finished task
+    always has a ``finished_at``.
+    1. ``ended_at``: what RQ's worker (and our cancel) writes;
+    2. the latest result's ``created_at``: RQ's clean-up of a dead worker's job
+       fails it with a result but no ``ended_at``;
+    3. its score in ``end_registry()``'s registry: the moment of plain RQ's
+       cancel; for the failed registry, the moment plus the failure TTL;
+    4. else its last heartbeat, start, enqueue or creation: a job that another
+       client marked finished by hand, and RQ dated no further.
+    """
+    if job.ended_at is not None:
+        return job.ended_at
+    if latest is not None:
+        return latest.created_at
+    if ended_score is not None:
+        moment = ended_score
+        if job.get_status(refresh=False) != JobStatus.CANCELED:
+            moment -= job.failure_ttl or DEFAULT_FAILURE_TTL
+        if math.isfinite(moment) and 0 < moment < 2**33:  # +inf: a TTL of -1
+            return datetime.fromtimestamp(moment, UTC)
+    return job.last_heartbeat or job.started_at or job.enqueued_at or job.created_at
+
+
+# Job ids already reported unreadable, so that a client polling one does not
+# fill the log; bounded.
+_reported: set[str] = set()
+
+
+def not_a_task(task_id: str, error: Exception) -> Task | None:
+    """A job this API cannot read as a task (``UNREADABLE``): None, the route's
+    404; logged once per job, with what was wrong."""
+    if task_id not in _reported:
+        if len(_reported) > 10_000:
+            _reported.clear()
+        _reported.add(task_id)
+        log.warning(
+            "job %s is not a task this API can read (%s: %s): answered 404",
+            task_id,
+            type(error).__name__,
+            str(error)[:200],
+        )
+    return None
 
 
 def _short_error(exc_string: str, job: TaskJob) -> str:

@@ -38,6 +38,12 @@ class TaskJob(Job):
     def restore(self, raw_data: dict[Any, Any]) -> Any:
         restored = super().restore(raw_data)
         self.attempts = int(raw_data.get(b"attempts") or raw_data.get("attempts") or 0)
+        if not isinstance(self.meta, dict):
+            # Another client's meta, JSON but no object (5, null, [1]): RQ could
+            # not write the job back (its save() takes meta for a dict), so no
+            # retry or clean-up of it would go through. RQ's own shape for a meta
+            # it cannot read.
+            self.meta = {"unserialized": self.meta}
         # Our jobs have no callbacks or webhooks. One in Redis that names some
         # would have the worker import and call any function, or post anywhere.
         self._success_callback_name = None

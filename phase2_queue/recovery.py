@@ -8,7 +8,9 @@ default) and a worker's maintenance runs (every 10 minutes). Here:
 2. a job taken off the queue by a worker that died before starting it goes back
    after one heartbeat TTL (RQ's own rescue takes a minute and counts an attempt);
 3. the scheduler (delayed retries) rides out Redis outages, and a dead owner's
-   lock is freed in seconds, not RQ's 61.
+   lock is freed in seconds, not RQ's 61;
+4. a job that another client wrote and RQ cannot read or write back is failed on
+   its own: the worker and the scheduler go on with the others.
 """
 
 import logging
@@ -22,14 +24,17 @@ from uuid import uuid4
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
+from rq.defaults import DEFAULT_FAILURE_TTL
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.group import Group
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
-from rq.utils import now, utcformat
+from rq.utils import current_timestamp, now, utcformat
 
 from common.process import close_inherited_sockets, die_with_parent
+from phase2_queue.jobs import TaskJob
 
 log = logging.getLogger("taskman")
 
@@ -92,6 +97,32 @@ class RecoveringWorker(SimpleWorker):
         finally:
             self._stop_keeper.set()
             keeper.join()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's, going on past a job it cannot read (a date that is no date, say,
+        that another client wrote): RQ's raises, and its worker quits, every time
+        it meets that job again. Here the job is failed, and the next one taken."""
+        while True:
+            try:
+                dequeued: tuple[Job, Queue] | None
+                dequeued = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                return dequeued
+            except redis.RedisError:
+                raise
+            except Exception as error:
+                # RQ's dequeue names the job and its queue on the error.
+                job_id, queue = (
+                    getattr(error, "job_id", None),
+                    getattr(error, "queue", None),
+                )
+                if job_id is None or not isinstance(queue, Queue):
+                    raise
+                with self.connection.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+                    fail_unreadable(queue, job_id, error, pipe)
+                    pipe.execute()
 
     # --- short heartbeats, beaten by the keeper while the job runs
 
@@ -262,6 +293,64 @@ class TaskScheduler(RQScheduler):
                     return
                 self.log.warning("scheduler lost Redis (%s); retrying", error)
                 time.sleep(1)
+
+    def enqueue_scheduled_jobs(self) -> None:
+        """RQ's, which moves every due job in one pipeline: one job that RQ's Job
+        cannot read or write back (another client's meta of the wrong shape, say)
+        makes it raise, nothing moves, and every delayed retry waits for as long
+        as that job stays. Then: the due jobs one by one, as our TaskJob (which
+        reads what RQ's Job cannot), and one that cannot be moved even so failed
+        on its own."""
+        try:
+            super().enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            raise
+        except Exception as error:
+            self.log.warning("scheduler: %r; moving the due jobs one by one", error)
+            for registry in self._scheduled_job_registries:
+                queue = Queue(
+                    registry.name,
+                    connection=self.connection,
+                    serializer=self.serializer,
+                    job_class=TaskJob,
+                )
+                for job_id in registry.get_jobs_to_schedule(current_timestamp()):
+                    self._enqueue_one(registry, queue, job_id)
+
+    def _enqueue_one(self, registry: Any, queue: Queue, job_id: str) -> None:
+        with self.connection.pipeline() as pipe:
+            try:
+                job = TaskJob.fetch(
+                    job_id, connection=self.connection, serializer=self.serializer
+                )
+                # First in the pipeline: it may WATCH (for dependencies).
+                queue.enqueue_job(job, pipeline=pipe)
+            except NoSuchJobError:
+                pass  # gone: out of the registry, as RQ's does
+            except redis.RedisError:
+                raise
+            except Exception as error:
+                pipe.reset()
+                fail_unreadable(queue, job_id, error, pipe)
+            registry.remove(job_id, pipeline=pipe)
+            pipe.execute()
+
+
+def fail_unreadable(queue: Queue, job_id: str, error: Exception, pipe: Any) -> None:
+    """Fail a job that cannot be read or written back, in ``pipe``; logged (once:
+    it is failed, so never met again). Raw writes where RQ's would save() the job
+    it could not read: its status, its end, the failed registry (for ``rq`` tools
+    and the dashboard, which can requeue it once repaired)."""
+    log.error(
+        "job %s cannot be read or written back (%s: %s); failed, and the queue goes on",
+        job_id,
+        type(error).__name__,
+        str(error)[:200],
+    )
+    key = Job.key_for(job_id)
+    pipe.hset(key, mapping={"status": JobStatus.FAILED, "ended_at": utcformat(now())})
+    failed = queue.failed_job_registry.key
+    pipe.zadd(failed, {job_id: current_timestamp() + DEFAULT_FAILURE_TTL})
 
 
 def _keeping(step: Callable[[], None]) -> bool:

@@ -10,7 +10,6 @@ DELETE, rare and subtle, stays phase 2's.
 from typing import Any
 
 from rq import Queue
-from rq.exceptions import DeserializationError
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
@@ -18,8 +17,11 @@ from common.backend import IdempotencyConflict
 from common.models import Task, TaskCreate, new_task
 from common.settings import Settings
 from phase2_queue.backend import (
+    UNREADABLE,
     RQBackend,
+    end_registry,
     live_workers,
+    not_a_task,
     to_task,
     unavailable_when_redis_is_down,
     worker_heartbeats,
@@ -89,9 +91,17 @@ class FastRQBackend(RQBackend):
                     connection=self._redis,
                     serializer=JSONSerializer,
                 )
-            return to_task(job, latest)
-        except DeserializationError:
-            return None  # not JSON (a pickled job, say): not one of our tasks
+            ended = None
+            registry = end_registry(job, latest)
+            if registry:  # rare: a job plain RQ canceled, say (see end_registry)
+                with unavailable_when_redis_is_down():
+                    (score,) = await self.batch.execute_commands(
+                        ("ZSCORE", registry, task_id)
+                    )
+                ended = None if score is None else float(score)
+            return to_task(job, latest, ended)
+        except UNREADABLE as error:  # another client's job, or a damaged one
+            return not_a_task(task_id, error)
 
     async def health(self) -> dict[str, Any]:
         with unavailable_when_redis_is_down():

@@ -122,7 +122,8 @@ class CachedBackend:
         return Task.model_validate_json(body)
 
     async def _store(self, task: Task) -> None:
-        assert task.finished_at is not None
+        if task.finished_at is None:  # never, from our backends; not cached if so
+            return
         finished = task.finished_at.replace(tzinfo=task.finished_at.tzinfo or UTC)
         left = self._retention - (datetime.now(UTC) - finished).total_seconds()
         ttl = int(min(self._ttl, left))
