@@ -8,15 +8,25 @@ import stat
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
+def die_with_parent(
+    sig: signal.Signals = signal.SIGKILL, parent: int | None = None
+) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies, even by
     SIGKILL. Call it in the child. Elsewhere it does nothing: there the parent's
-    own shutdown has to reap its children."""
+    own shutdown has to reap its children.
+
+    Linux sends nothing if the parent died before this call, and a spawned child
+    makes it only after its start-up (a second or so of imports). Given the
+    ``parent`` pid the child was started by, a child whose parent is already gone
+    (it has been reparented) gets ``sig`` at once.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def close_inherited_sockets() -> None:

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     # failed together do not all come back at the same instant.
     retry_jitter: float = Field(default=0.1, ge=0, le=1)
     max_body_bytes: int = Field(default=65536, ge=1024)
+    # The request line and headers together (431 above it), and the seconds a
+    # client has to send them (408); see docs/contract.md, "Limits".
+    max_header_bytes: int = Field(default=32768, ge=1024)
+    header_timeout: float = Field(default=10.0, gt=0)
+    # Open connections served at once; one more is answered 503 and closed.
+    max_connections: int = Field(default=1000, ge=1)
     idempotency_ttl: int = Field(default=24 * 3600, ge=1)
     # How long a finished task stays readable (phase 1 memory, RQ's result_ttl).
     retention_seconds: int = Field(default=3600, ge=1)

@@ -23,15 +23,17 @@ from common.tasks import TASKS
 _cancel_flags: Any = None
 
 
-def _init_child(cancel_flags: Any) -> None:
+def _init_child(cancel_flags: Any, parent: int) -> None:
     global _cancel_flags
     _cancel_flags = cancel_flags
     os.nice(19)
     # Ctrl-C reaches the whole process group; only the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Die with the parent, even if it is SIGKILLed: no orphan keeps computing.
-    die_with_parent()
+    # Die with the parent, even if it is SIGKILLed, and even if that happened while
+    # we were starting: an orphan would wait forever for work (it holds the pool's
+    # queue open itself), and keep multiprocessing's resource tracker alive.
+    die_with_parent(parent=parent)
 
 
 def _run_in_child(
@@ -56,7 +58,7 @@ class CpuPool:
             size,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_child,
-            initargs=(self._flags,),
+            initargs=(self._flags, os.getpid()),
         )
 
     async def run(

@@ -345,6 +345,10 @@ def _short_error(exc_string: str, job: TaskJob) -> str:
 # Redis is up but will not write: out of memory (maxmemory, noeviction), a read-only
 # replica, or unable to persist (MISCONF: its disk is full).
 REFUSING_WRITES = "the queue (Redis) refuses writes for now; retry shortly"
+AUTHENTICATION_FAILED = (
+    "the queue (Redis) refused our credentials: authentication failed "
+    "(check the user and password of TASKMAN_REDIS_URL)"
+)
 
 
 @contextmanager
@@ -352,6 +356,13 @@ def unavailable_when_redis_is_down() -> Iterator[None]:
     """503 (with Retry-After) for a Redis that is away, or there but refusing."""
     try:
         yield
+    # Before ConnectionError, whose subclass it is: a wrong password is no outage,
+    # and whoever reads the 503 should know which to fix. Never the URL itself.
+    except (
+        redis.AuthenticationError,
+        redis.AuthenticationWrongNumberOfArgsError,
+    ) as error:
+        raise BackendUnavailable(AUTHENTICATION_FAILED) from error
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise BackendUnavailable(
             "the queue (Redis) is unreachable; retry shortly"

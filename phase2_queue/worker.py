@@ -8,6 +8,7 @@
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 from uuid import uuid4
@@ -75,26 +76,46 @@ def run_worker(
     # away, the new scheduler resumes the lock the last one may still hold.
     scheduler_name = uuid4().hex
     while True:
-        connection = connect(settings)
-        worker = worker_class(
-            [task_queue(settings, connection)],
-            connection=connection,
-            serializer=JSONSerializer,
-            job_class=TaskJob,
-            heartbeat_ttl=settings.job_heartbeat_seconds,
-            # Idle workers wake every 5 s (worker_ttl - 15) to heartbeat and to clean.
-            worker_ttl=20,
-            maintenance_interval=settings.job_heartbeat_seconds // 2,
-            scheduler_name=scheduler_name,
-        )
-        worker.max_connection_wait_time = 2.0
+        worker: TaskWorker | None = None
+        wait = 1.0
         try:
+            # Inside the try: RQ's Worker() already speaks to Redis.
+            connection = connect(settings)
+            worker = worker_class(
+                [task_queue(settings, connection)],
+                connection=connection,
+                serializer=JSONSerializer,
+                job_class=TaskJob,
+                heartbeat_ttl=settings.job_heartbeat_seconds,
+                # Idle workers wake every 5 s (worker_ttl - 15) to heartbeat and clean.
+                worker_ttl=20,
+                maintenance_interval=settings.job_heartbeat_seconds // 2,
+                scheduler_name=scheduler_name,
+            )
+            worker.max_connection_wait_time = 2.0
             worker.work(
                 burst=burst, with_scheduler=True, logging_level=settings.log_level
             )
+        # A subclass of ConnectionError, but no outage: say which it is, never the
+        # URL, and keep trying (slower) in case the password or ACL is being fixed.
+        except (
+            redis.AuthenticationError,
+            redis.AuthenticationWrongNumberOfArgsError,
+        ):
+            log.error(
+                "Redis authentication failed: check the user and password of "
+                "TASKMAN_REDIS_URL%s",
+                "" if burst else "; trying again in 5 s",
+            )
+            if burst:
+                sys.exit(1)
+            wait = 5.0
         except redis.RedisError as error:
+            if burst and worker is None:
+                raise  # a burst worker that never reached Redis did nothing
             log.warning("worker lost Redis (%s); starting over", error)
         # A warm shutdown (SIGTERM) of an idle worker sets only this date.
-        if burst or worker._shutdown_requested_date is not None:
+        stopping = worker is not None and worker._shutdown_requested_date is not None
+        if burst or stopping:
             return
-        time.sleep(1)
+        time.sleep(wait)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import redis
 import rq_dashboard
 import rq_dashboard.web
 from a2wsgi import WSGIMiddleware
@@ -22,14 +23,18 @@ from flask.json.provider import DefaultJSONProvider
 from flask.templating import DispatchingJinjaLoader
 from jinja2 import Environment
 from rq import Queue, Worker, requeue_job
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from werkzeug.exceptions import HTTPException
 
+from common.backend import BackendUnavailable
 from common.settings import Settings
+from phase2_queue.backend import unavailable_when_redis_is_down
 
 log = logging.getLogger("taskman")
 
@@ -54,6 +59,22 @@ SECURITY_HEADERS = [
 # A response is an ASGI app that answers the same every time (and, unlike a plain
 # function, a Route takes it as one).
 NOT_FOUND = JSONResponse({"detail": "Not Found"}, status_code=404)
+
+# What the dashboard's paths may name; rq-dashboard reads anything else as a
+# server error (a registry it does not know, per_page 0 divides by zero, a page
+# past 2**63 overflows Redis) or as something it is not (an unknown registry's
+# "empty" answers OK having emptied nothing).
+REGISTRIES = (
+    "queued",
+    "started",
+    "finished",
+    "failed",
+    "deferred",
+    "scheduled",
+    "canceled",
+)
+MAX_PER_PAGE = 1000
+MAX_PAGE = 1_000_000
 
 # Underscore templates: `<%= x %>` inserts x as raw HTML, `<%- x %>` escapes it.
 RAW_INTERPOLATION = re.compile(r"<%=(.*?)%>", re.DOTALL)
@@ -174,11 +195,72 @@ def create_dashboard_app(redis_url: str) -> Flask:
             and rule
             and "POST" in (rule.methods or ())
         ):
-            body = app.json.dumps({"detail": "this action needs POST"})
-            return Response(body, 405, {"Allow": "POST"}, mimetype="application/json")
+            return _json_error(app, 405, "this action needs POST", {"Allow": "POST"})
         return None
 
+    @app.before_request
+    def refuse_what_the_path_cannot_name() -> Response | None:
+        # Before rq-dashboard's own before_request, which picks the Redis instance.
+        instances = len(app.config["RQ_DASHBOARD_REDIS_URL"])
+        detail = _bad_path_argument(request.view_args or {}, instances)
+        return None if detail is None else _json_error(app, 404, detail)
+
+    @app.before_request
+    def compact_an_empty_queue_as_a_no_op() -> Response | None:
+        # RQ's Queue.compact() renames the queue's list, and Redis refuses to rename
+        # a key that is not there ("no such key", a 500): an empty queue.
+        if request.endpoint != "rq_dashboard.compact_queue":
+            return None
+        name = (request.view_args or {}).get("queue_name", "")
+        queue = Queue(name, connection=app.redis_conn)  # type: ignore[attr-defined]
+        if queue.count:
+            return None
+        return Response(app.json.dumps({"status": "OK"}), mimetype="application/json")
+
+    @app.errorhandler(NoSuchJobError)
+    def job_not_found(error: NoSuchJobError) -> Response:
+        return _json_error(app, 404, "job not found")
+
+    @app.errorhandler(redis.RedisError)
+    def redis_trouble(error: redis.RedisError) -> Response:
+        # The API's own reading of Redis trouble (away, wrong password, refusing
+        # writes): the same 503 and words. Anything else stays a bug (a 500).
+        try:
+            with unavailable_when_redis_is_down():
+                raise error
+        except BackendUnavailable as unavailable:
+            return _json_error(app, 503, str(unavailable), unavailable.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        # Flask's own pages (404, 405, a 500 for a bug) as our JSON errors; the
+        # traceback of a 500 is in the log.
+        code = error.code or 500
+        detail = "internal server error" if code >= 500 else error.name
+        return _json_error(app, code, detail)
+
     return app
+
+
+def _bad_path_argument(args: dict[str, Any], instances: int) -> str | None:
+    """What is wrong with a dashboard path's arguments, if anything."""
+    if "instance_number" in args and not 0 <= args["instance_number"] < instances:
+        return f"no Redis instance {args['instance_number']}"
+    registry = args.get("registry_name")
+    if registry is not None and registry not in REGISTRIES:
+        return f"no registry {registry!r}; one of {', '.join(REGISTRIES)}"
+    for name, limit in (("per_page", MAX_PER_PAGE), ("page", MAX_PAGE)):
+        value = str(args.get(name, 1))
+        if not (value.isdigit() and 1 <= int(value) <= limit):
+            return f"{name} must be a whole number from 1 to {limit}"
+    return None
+
+
+def _json_error(
+    app: Flask, status: int, detail: str, headers: dict[str, str] | None = None
+) -> Response:
+    body = app.json.dumps({"detail": detail})
+    return Response(body, status, headers, mimetype="application/json")
 
 
 class DashboardGate:

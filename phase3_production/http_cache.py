@@ -5,11 +5,26 @@ with a 304 and no body. Pure ASGI: it buffers only task responses, which are sma
 """
 
 import hashlib
+import re
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phase3_production.cache import cache_outcome
+
+# An entity-tag (RFC 9110 §8.8.3): an optional W/ and a quoted opaque tag, which
+# may itself hold a comma, so a list is not split on commas.
+ENTITY_TAG = re.compile(r'(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")')
+
+
+def none_match(if_none_match: list[str], etag: str) -> bool:
+    """Does If-None-Match match ``etag`` (RFC 9110 §13.1.2)? "*" matches any
+    representation; each listed tag is compared weakly, its W/ ignored."""
+    value = ",".join(if_none_match).strip()
+    if value == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(tag == opaque for tag in ENTITY_TAG.findall(value))
 
 
 class HTTPCache:
@@ -19,7 +34,7 @@ class HTTPCache:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/tasks/"):
             return await self.app(scope, receive, send)
-        if_none_match = Headers(scope=scope).get("if-none-match")
+        if_none_match = Headers(scope=scope).getlist("if-none-match")
         start: Message | None = None
         cache_outcome.set(None)
 
@@ -39,7 +54,7 @@ class HTTPCache:
             headers["ETag"] = etag
             if outcome := cache_outcome.get():
                 headers["X-Cache"] = outcome
-            if scope["method"] == "GET" and if_none_match in (etag, f"W/{etag}"):
+            if scope["method"] == "GET" and none_match(if_none_match, etag):
                 del headers["content-length"]
                 del headers["content-type"]
                 await send({**start, "status": 304})

@@ -20,7 +20,7 @@ import uvicorn
 from rich.console import Console
 
 from common.settings import Settings
-from taskman.http import JSONErrorsHttpToolsProtocol
+from taskman.http import uvicorn_options
 from taskman.phases import LATEST, PHASES, queued
 from taskman.processes import taskman_command
 from taskman.redis_server import EmbeddedRedis
@@ -73,11 +73,8 @@ def serve(
             factory=True,
             host=host,
             port=port,
-            # X-Forwarded-For is believed only from TASKMAN_TRUSTED_PROXIES (phase
-            # 3), not from anyone on 127.0.0.1 as uvicorn would by default.
-            proxy_headers=False,
-            http=JSONErrorsHttpToolsProtocol,  # 400s in JSON too
             timeout_graceful_shutdown=30,
+            **uvicorn_options(),  # the tools' servers run with the same
         )
 
 

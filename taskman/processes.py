@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from common.process import die_with_parent
+from taskman.http import uvicorn_argv, uvicorn_options
 
 Process = subprocess.Popen[bytes]
 # Where a child's output goes: a log file (appended to; stderr too), DEVNULL, or
@@ -54,7 +55,7 @@ def api_command(module: str, port: int) -> list[str]:
         "--no-access-log",
         "--log-level",
         "warning",
-        "--no-proxy-headers",
+        *uvicorn_argv(uvicorn_options()),
     ]
 
 

@@ -124,6 +124,35 @@ def test_etag_and_304_let_a_poller_skip_the_body(
     assert other.status_code == 200 and other.json()["result"] == "body"
 
 
+def test_if_none_match_compares_weakly_takes_lists_and_star_as_rfc_9110_says(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "echo", value="body")
+    drain_queue(settings, phase=3)
+    path = f"/tasks/{task['id']}"
+    etag = client.get(path).headers["etag"]
+    matching = [
+        "*",
+        f"W/{etag}",
+        f'"a", {etag}',
+        f'W/"a",W/{etag}',
+        f'"with,comma", {etag} ',
+    ]
+    for value in matching:
+        answer = client.get(path, headers={"If-None-Match": value})
+        assert answer.status_code == 304, value
+        assert answer.headers["etag"] == etag
+    # Two header lines are one list.
+    lines = [("If-None-Match", '"a"'), ("If-None-Match", etag)]
+    assert client.get(path, headers=httpx.Headers(lines)).status_code == 304
+    for value in ['"a", "b"', etag.strip('"'), f'{etag[:-2]}x"', "", "W/"]:
+        answer = client.get(path, headers={"If-None-Match": value})
+        assert answer.status_code == 200, value
+    # A task that is not there has no representation for "*" to match.
+    missing = client.get("/tasks/" + "0" * 32, headers={"If-None-Match": "*"})
+    assert missing.status_code == 404
+
+
 def test_many_pollers_of_a_just_finished_task_cause_one_backend_read(
     tmp_path: Path,
 ) -> None:

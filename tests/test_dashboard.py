@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 from common.settings import Settings
 from phase1_inprocess import create_app
 from phase3_production.dashboard import create_dashboard_app, mount_dashboard
+from taskman.redis_server import free_port
 
 PASSWORD = "correct horse battery staple"
 XSS = "<script>alert(1)</script><img src=x onerror=alert(1)>"
@@ -290,7 +291,14 @@ def test_a_queue_name_in_the_url_cannot_inject_script(
 ) -> None:
     evil = "');alert(1);('"
     rule = RULES_BY_NAME["jobs_overview"]
-    path = concrete(rule, queue_name=evil, registry_name="failed", order="asc")
+    path = concrete(
+        rule,
+        queue_name=evil,
+        registry_name="failed",
+        order="asc",
+        per_page="8",
+        page="1",
+    )
     # At the gate: not a path the dashboard serves.
     assert client.get(path, headers=AUTH).status_code == 404
     # Behind it as well: the name reaches the page's JavaScript as a JSON string.
@@ -303,3 +311,49 @@ def test_a_queue_name_in_the_url_cannot_inject_script(
     assert "alert(1)" in page
     assert "'');alert(1);(''" not in page
     assert json.dumps(evil).replace("'", "\\u0027") in page
+
+
+def test_paths_the_dashboard_cannot_serve_are_json_4xx_never_500(
+    client: TestClient, settings: Settings
+) -> None:
+    queue = settings.queue_name
+    gets = [
+        "/dashboard/0/data/job/nope.json",  # a missing job
+        "/dashboard/0/view/job/nope",
+        f"/dashboard/0/data/jobs/{queue}/bogus/8/asc/1.json",  # a bad registry
+        f"/dashboard/0/view/jobs/{queue}/bogus/8/asc/1",
+        f"/dashboard/0/data/jobs/{queue}/failed/0/asc/1.json",  # per_page=0
+        f"/dashboard/0/data/jobs/{queue}/queued/x/asc/1.json",
+        f"/dashboard/0/data/jobs/{queue}/queued/{10**20}/asc/1.json",
+        f"/dashboard/0/view/jobs/{queue}/queued/8/asc/0",  # page 0
+        "/dashboard/5/view/jobs",  # no such Redis instance
+        "/dashboard/0/data/nothing-here.json",
+    ]
+    posts = ["/dashboard/job/nope/requeue", f"/dashboard/queue/{queue}/bogus/empty"]
+    answers = [client.get(path, headers=AUTH) for path in gets]
+    answers += [client.post(path, headers=AUTH) for path in posts]
+    for answer in answers:
+        assert answer.status_code == 404, (answer.url, answer.text[:200])
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["detail"]
+    # An empty queue compacts to nothing (RQ's compact() fails on it).
+    compact = client.post(f"/dashboard/queue/{queue}/compact", headers=AUTH)
+    assert compact.status_code == 200
+    assert compact.json() == {"status": "OK"}
+
+
+def test_the_dashboard_with_redis_down_answers_503_json(settings: Settings) -> None:
+    down = settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+    )
+    with TestClient(dashboard_app(down), raise_server_exceptions=False) as client:
+        for path in (
+            "/dashboard/0/data/queues.json",
+            "/dashboard/0/data/workers.json",
+            "/dashboard/0/data/job/nope.json",
+            "/dashboard/0/view/workers",
+        ):
+            answer = client.get(path, headers=AUTH)
+            assert answer.status_code == 503, (path, answer.text[:200])
+            assert "unreachable" in answer.json()["detail"]
+            assert answer.headers["retry-after"] == "1"

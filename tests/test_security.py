@@ -35,6 +35,7 @@ from common.settings import Settings
 from common.tasks import describe_error
 from phase2_queue.jobs import task_queue
 from phase2_queue.worker import run_worker
+from taskman.processes import taskman_command
 from taskman.redis_server import EmbeddedRedis, free_port
 from tests.conftest import wait_for
 from tests.processes import drain, stop, taskman, wait_http
@@ -684,6 +685,60 @@ def test_redis_trouble_never_shows_its_url_or_password(
     for response in responses:
         for secret in (password, "alice", "redis://", str(port), "Traceback", ".py"):
             assert secret not in response.text, (secret, response.text)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_wrong_redis_password_is_a_503_that_says_authentication_failed(
+    phase: ModuleType, acl_redis: SecureRedis
+) -> None:
+    url = f"redis://alice:{BOB_PASSWORD}@127.0.0.1:{acl_redis.port}/0"
+    settings = Settings(redis_url=url, rate_limit_fail_mode="open")
+    with TestClient(phase.create_app(settings), raise_server_exceptions=False) as c:
+        task = "/tasks/" + "0" * 32
+        responses = [
+            c.post("/tasks", json={"type": "echo", "payload": {"value": 1}}),
+            c.get(task),
+            c.delete(task),
+            c.get("/health"),
+        ]
+    assert [r.status_code for r in responses] == [503] * 4
+    for response in responses:
+        assert "authentication failed" in response.json()["detail"]
+        assert "unreachable" not in response.text
+        assert BOB_PASSWORD not in response.text
+
+
+@pytest.mark.parametrize("phase", ["2", "3"])
+def test_a_worker_with_a_wrong_redis_password_says_so_and_keeps_trying(
+    phase: str, acl_redis: SecureRedis, tmp_path: Path
+) -> None:
+    url = f"redis://alice:{BOB_PASSWORD}@127.0.0.1:{acl_redis.port}/0"
+    log = tmp_path / "worker.log"
+    worker = taskman(
+        "worker", "--phase", phase, env={"TASKMAN_REDIS_URL": url}, log=log
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "authentication failed" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1)
+        assert worker.poll() is None, "it should keep trying, not crash"
+    finally:
+        stop(worker)
+    text = log.read_text()
+    for secret in (BOB_PASSWORD, "Traceback"):
+        assert secret not in text, text
+    burst = subprocess.run(
+        [*taskman_command("worker", "--phase", phase, "--burst")],
+        env={**os.environ, "TASKMAN_REDIS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert burst.returncode == 1
+    assert "authentication failed" in burst.stderr + burst.stdout
+    assert "Traceback" not in burst.stderr + burst.stdout
 
 
 @pytest.mark.parametrize("phase", PHASES)
