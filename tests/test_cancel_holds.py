@@ -83,7 +83,7 @@ def test_a_delete_answered_200_means_the_task_ends_canceled(
             assert final[task_id]["status"] == "succeeded", body
 
 
-def _worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+def _worker(url: str, phase: str, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "TASKMAN_REDIS_URL": url,
@@ -91,7 +91,7 @@ def _worker(url: str, log: Path) -> subprocess.Popen[bytes]:
         "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "taskman", "worker", "--phase", "2"],
+        [sys.executable, "-m", "taskman", "worker", "--phase", phase],
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -106,12 +106,15 @@ def _wait(condition: Any, timeout: float, what: str) -> Any:
     return value
 
 
+@pytest.mark.parametrize("phase", ["2", "3"])
 def test_a_worker_woken_from_a_stop_reports_nothing_and_registers_again(
-    tmp_path: Path,
+    tmp_path: Path, phase: str
 ) -> None:
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
-    workers = [_worker(server.url, tmp_path / f"worker{n}.log") for n in range(2)]
+    workers = [
+        _worker(server.url, phase, tmp_path / f"worker{n}.log") for n in range(2)
+    ]
     try:
         connection = redis.Redis.from_url(server.url)
         registry = "rq:workers:stopped"
