@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import redis
@@ -24,7 +25,7 @@ from tests.processes import stop, taskman, wait_http
 TASKS = 400
 
 
-def _submit_then_cancel(base: str, number: int) -> tuple[str, int, dict[str, Any]]:
+def _submit_then_cancel(base: str) -> tuple[str, int, dict[str, Any]]:
     """POST an echo task, DELETE it 0-20 ms after its 202: (id, code, body)."""
     with httpx.Client(base_url=base, timeout=30) as client:
         created = client.post("/tasks", json={"type": "echo", "payload": {"value": 1}})
@@ -61,9 +62,7 @@ def test_a_delete_answered_200_means_the_task_ends_canceled(
     try:
         wait_http(f"{base}/health", process=server)
         with ThreadPoolExecutor(8) as pool:
-            answers = list(
-                pool.map(lambda n: _submit_then_cancel(base, n), range(TASKS))
-            )
+            answers = list(pool.map(_submit_then_cancel, [base] * TASKS))
         time.sleep(1.5)
         with httpx.Client(base_url=base, timeout=30) as client:
             final = {i: client.get(f"/tasks/{i}").json() for i, _, _ in answers}
@@ -120,9 +119,8 @@ def test_a_worker_woken_from_a_stop_reports_nothing_and_registers_again(
         registry = "rq:workers:stopped"
         _wait(lambda: connection.scard(registry) == 2, 20, "two workers")
         backend = RQBackend(Settings(redis_url=server.url, queue_name="stopped"))
-        task = backend._submit(
-            TaskCreate(type="sleep", payload={"seconds": 6}, max_retries=2), None
-        )[0]
+        request = TaskCreate(type="sleep", payload={"seconds": 6}, max_retries=2)
+        task, _ = anyio.run(backend.submit, request)
         key = f"rq:job:{task.id}"
 
         def running_on() -> str | None:
@@ -158,7 +156,7 @@ def test_a_worker_woken_from_a_stop_reports_nothing_and_registers_again(
             "the woken worker never registered again",
         )
         assert connection.hget(f"rq:worker:{first}", "birth")
-        backend._redis.close()
+        anyio.run(backend.aclose)
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGCONT)
