@@ -145,27 +145,44 @@ class RQBackend:
             return not_a_task(task_id, error)
 
     async def cancel(self, task_id: str) -> Task | None:
-        canceled = await _off_the_loop(self._cancel, task_id)
-        return await self.get(task_id) if canceled else None
+        # The answer comes from the transaction that canceled: a GET after it
+        # could already read what a worker wrote since.
+        return await _off_the_loop(self._cancel, task_id)
 
-    def _cancel(self, task_id: str) -> bool:
+    def _cancel(self, task_id: str) -> Task | None:
         """RQ's own cancel, in a transaction that fails if the job changes meanwhile."""
 
-        def once(pipe: Any) -> bool:
+        def once(pipe: Any) -> Task | None:
             try:
                 job = TaskJob.fetch(
                     task_id, connection=self._redis, serializer=JSONSerializer
                 )
+                assert isinstance(job, TaskJob)
                 job.kwargs  # noqa: B018  # not JSON: not one of ours
             except (NoSuchJobError, *UNREADABLE):
-                return False
+                return None
             status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
             if status.finished:
                 raise TaskFinished(f"task is already {status}")
+            if status is TaskStatus.RUNNING and job.reporting:
+                # Its worker has claimed the outcome (worker.py): it lands next.
+                raise TaskFinished("task is already finishing")
+            latest = job.latest_result()
+            seen = job.get_status(refresh=False)
             pipe.multi()
-            job.cancel(pipeline=pipe)
-            pipe.hset(job.key, "ended_at", utcformat(now()))
-            return True
+            try:
+                job.cancel(pipeline=pipe)
+            except ValueError as error:
+                # RQ reads the job's executions outside the transaction: one of
+                # them gone means its worker ended it since we looked. Look again.
+                stored: Any = self._redis.hget(job.key, "status")
+                if stored == seen.encode():
+                    raise
+                pipe.reset()  # out of MULTI, for redis-py to watch again
+                raise redis.WatchError(str(error)) from error
+            job.ended_at = now()
+            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+            return to_task(job, latest)
 
         return _transaction(self._redis, once, f"rq:job:{task_id}")
 

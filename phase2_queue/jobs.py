@@ -2,7 +2,7 @@
 functions, the Redis connection and the queue.
 
 Jobs are plain RQ jobs with JSON data, so stock ``rq`` tools and rq-dashboard read
-them; one extra field of the job's hash counts attempts.
+them; two extra fields of the job's hash count attempts and fence the outcome.
 """
 
 from datetime import timedelta
@@ -31,9 +31,13 @@ class UnregisteredFunction(Exception):
 
 
 class TaskJob(Job):
-    """An RQ job that counts its attempts in one extra field of its hash."""
+    """An RQ job with two extra fields in its hash: its attempts, and which
+    execution is reporting its outcome."""
 
     attempts: int = 0
+    # The execution that claimed the right to report this attempt's outcome
+    # (worker.py); a DELETE that finds it answers 409.
+    reporting: str | None = None
 
     def restore(self, raw_data: dict[Any, Any]) -> Any:
         restored = super().restore(raw_data)
@@ -44,6 +48,8 @@ class TaskJob(Job):
             # retry or clean-up of it would go through. RQ's own shape for a meta
             # it cannot read.
             self.meta = {"unserialized": self.meta}
+        reporting = raw_data.get(b"reporting") or raw_data.get("reporting")
+        self.reporting = reporting.decode() if isinstance(reporting, bytes) else None
         # Our jobs have no callbacks or webhooks. One in Redis that names some
         # would have the worker import and call any function, or post anywhere.
         self._success_callback_name = None
@@ -65,6 +71,7 @@ class TaskJob(Job):
         super().prepare_for_execution(worker_name, pipeline)
         # Same pipeline as RQ's own bookkeeping: no extra round trip.
         pipeline.hincrby(self.key, "attempts", 1)
+        pipeline.hdel(self.key, "reporting")  # an earlier attempt's claim
 
     def retry(self, queue: Queue, pipeline: Any) -> None:
         """RQ's, with every write of a delayed retry in the caller's pipeline. RQ's

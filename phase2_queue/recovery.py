@@ -11,6 +11,8 @@ default) and a worker's maintenance runs (every 10 minutes). Here:
    lock is freed in seconds, not RQ's 61;
 4. a job that another client wrote and RQ cannot read or write back is failed on
    its own: the worker and the scheduler go on with the others.
+5. a worker stopped (SIGSTOP) past its heartbeat and woken again goes back into
+   RQ's worker registry (worker.py drops the outcome of the job it lost).
 """
 
 import logging
@@ -154,6 +156,7 @@ class RecoveringWorker(SimpleWorker):
             _keeping(self._beat)
             due = time.monotonic() - last_cleanup > self.maintenance_interval
             if due and _keeping(self._clean_started_jobs):
+                _keeping(self._stay_registered)
                 last_cleanup = time.monotonic()
 
     def _beat(self) -> None:
@@ -162,6 +165,25 @@ class RecoveringWorker(SimpleWorker):
             if self._running is not None and due:
                 self.maintain_heartbeats(*self._running)
                 self._job_beat_at = time.monotonic()
+
+    def _stay_registered(self) -> None:
+        """Back into RQ's worker registry if dropped from it. A worker stopped
+        (SIGSTOP) or starved past its key's TTL loses the key, and any worker's
+        clean-up then drops it from the registry; RQ's heartbeat makes the key
+        again but never the entry, so the worker would work unseen by `rq info`,
+        rq-dashboard and /health."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.sismember(self.redis_workers_keys, self.key)
+            pipe.hexists(self.key, "birth")
+            registered, born = pipe.execute()
+        if registered and born:
+            return
+        log.warning("worker %s was dropped from the registry; back in", self.name)
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
 
     # --- frequent clean-up
 

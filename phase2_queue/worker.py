@@ -4,6 +4,8 @@
 2. Cancel is cooperative: a task's checkpoint() reads the job's status in Redis.
 3. It runs only the registered task functions, whatever a job in Redis names.
 4. It recovers a killed worker's job in seconds (recovery.py).
+5. It reports an outcome only for a job still its own: not canceled meanwhile,
+   not taken back while this worker was stopped.
 """
 
 import logging
@@ -27,23 +29,96 @@ from phase2_queue.recovery import RecoveringWorker, in_scheduler_child
 log = logging.getLogger("taskman")
 
 
-class TaskWorker(RecoveringWorker):
-    """RQ's SimpleWorker, with attempts and cooperative cancel."""
+# RQ's worker writes a job's outcome whatever happened to the job meanwhile: over
+# a DELETE that landed while the task ran (or between its dequeue and its start,
+# which writes "started" over "canceled"), and, from a worker that was stopped
+# (SIGSTOP) past its heartbeat, over a run that another worker has since taken
+# back. Before writing one, the worker claims it, in one script: the job must not
+# be canceled, must still be started by this worker, and this execution must still
+# be in the started registry. The claim, a field of the job's hash, is what a
+# DELETE checks (backend.py), in its transaction on the same hash: whichever lands
+# first wins, and a DELETE that finds the claim answers 409.
+CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local ours = redis.call('HGET', KEYS[1], 'worker_name') == ARGV[1]
+if redis.call('ZSCORE', KEYS[3], ARGV[3]) then
+  if ours and status == 'started' then
+    redis.call('HSET', KEYS[1], 'status', 'canceled')
+  end
+  return 'canceled'
+end
+if status ~= 'started' or not ours or not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
+  return 'moved on'
+end
+redis.call('HSET', KEYS[1], 'reporting', ARGV[2])
+return 'ours'
+"""
 
-    _canceled = False  # set by the running task's last checkpoint()
+
+class TaskWorker(RecoveringWorker):
+    """RQ's SimpleWorker, with attempts and cooperative cancel, that reports a
+    job's outcome only if the job is still this worker's to report."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._claim = self.connection.register_script(CLAIM)
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         assert isinstance(job, TaskJob)
-        self._canceled = False
+        canceled = queue.canceled_job_registry.key
         # prepare_for_execution (inside perform_job) counts this attempt.
-        with task_context(job.attempts + 1, lambda: self._is_canceled(job)):
+        with task_context(job.attempts + 1, lambda: self._is_canceled(job, canceled)):
             performed: bool = super().perform_job(job, queue, execution)
             return performed
 
-    def _is_canceled(self, job: Job) -> bool:
-        status: Any = self.connection.hget(job.key, "status")
-        self._canceled = status == b"canceled"
-        return self._canceled
+    def _is_canceled(self, job: Job, canceled_registry: str) -> bool:
+        """Whether to stop: the job was canceled, or is no longer this worker's
+        (it was taken back while this process was stopped); one round trip."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hmget(job.key, ["status", "worker_name"])
+            pipe.zscore(canceled_registry, job.id)
+            (status, worker), canceled = pipe.execute()
+        return bool(
+            canceled is not None
+            or status == b"canceled"
+            or worker != self.name.encode()
+        )
+
+    def _outcome_is_ours(
+        self, job: Job, queue: Queue, execution: Execution | None
+    ) -> bool:
+        """Claim the right to write this run's outcome (see CLAIM); if the job
+        has moved on, only let go of this run's execution."""
+        if execution is None:
+            return True  # not a run of this worker's (RQ's own clean-ups)
+        keys = [
+            job.key,
+            queue.started_job_registry.key,
+            queue.canceled_job_registry.key,
+        ]
+        args = [self.name, execution.composite_key, job.id]
+        claim: Any = self._claim(keys=keys, args=args)
+        if claim == b"ours":
+            return True
+        if claim != b"canceled":
+            log.warning(
+                "job %s %s: this run's outcome is dropped", job.id, claim.decode()
+            )
+        with self.connection.pipeline() as pipeline:
+            # Without its execution, RQ's clean-up would quietly do nothing.
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        return False
+
+    def handle_job_success(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any,
+        execution: Execution,
+    ) -> None:
+        if self._outcome_is_ours(job, queue, execution):
+            super().handle_job_success(job, queue, started_job_registry, execution)
 
     def handle_job_failure(
         self,
@@ -53,16 +128,11 @@ class TaskWorker(RecoveringWorker):
         exc_string: str = "",
         execution: Execution | None = None,
     ) -> None:
-        if self._canceled:
-            # It stopped because DELETE canceled it: not a failure, no retry.
-            # (Without its execution, RQ's clean-up would quietly do nothing.)
-            with self.connection.pipeline() as pipeline:
-                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
-                pipeline.execute()
-            return
-        super().handle_job_failure(
-            job, queue, started_job_registry, exc_string, execution=execution
-        )
+        # A task stopped by a DELETE fails here too: not ours, so no retry.
+        if self._outcome_is_ours(job, queue, execution):
+            super().handle_job_failure(
+                job, queue, started_job_registry, exc_string, execution=execution
+            )
 
 
 def run_worker(
