@@ -24,7 +24,6 @@ from phase2_queue.backend import (
     not_a_task,
     to_task,
     unavailable_when_redis_is_down,
-    worker_heartbeats,
 )
 from phase2_queue.jobs import TaskJob
 from phase3_production.autopipeline import AutoPipeline
@@ -108,8 +107,12 @@ class FastRQBackend(RQBackend):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.ping()
                 pipe.llen(self._queue.key)
-                pipe.sort(**worker_heartbeats(self._settings.queue_name))
-                _, queued, beats = await pipe.execute()
+                pipe.smembers(f"rq:workers:{self._settings.queue_name}")
+                _, queued, workers = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for worker in workers:  # the members are the workers' keys
+                    pipe.hget(worker, "last_heartbeat")
+                beats = await pipe.execute()
         return {"redis": "ok", "queued": queued, "workers": live_workers(beats)}
 
     async def aclose(self) -> None:
