@@ -284,10 +284,14 @@ class _Chaos:
         in_flight = await running_jobs(conn)
         pid = self.cluster.redis.process.pid if self.cluster.redis.process else 0
         self.kills.append(Kill(self.elapsed(), "redis", pid, in_flight))
-        await asyncio.to_thread(self.cluster.redis.stop, True)
+        # On this thread, not in asyncio.to_thread: Redis asks Linux for SIGTERM
+        # when the thread that started it ends (PR_SET_PDEATHSIG follows the
+        # thread), and asyncio.run() ends its executor's threads on the way out:
+        # the Redis started there died before the run's last reads.
+        self.cluster.redis.stop(True)
         self.gate.set()  # submissions now meet the outage: 503, retried
         await asyncio.sleep(self.redis_down)
-        await asyncio.to_thread(self.cluster.redis.start)
+        self.cluster.redis.start()
         self.recheck = True
 
     async def report(self) -> None:
