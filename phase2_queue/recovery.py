@@ -87,6 +87,7 @@ class RecoveringWorker(SimpleWorker):
         self._job_beat_at = 0.0
         self._lock = threading.Lock()
         self._stop_keeper = threading.Event()
+        self._dead = False  # registered its death: never register again
         self._rescue = self.connection.register_script(RESCUE)
         self._free_stale_lock = self.connection.register_script(FREE_STALE_LOCK)
 
@@ -178,12 +179,25 @@ class RecoveringWorker(SimpleWorker):
             registered, born = pipe.execute()
         if registered and born:
             return
-        log.warning("worker %s was dropped from the registry; back in", self.name)
-        with self.connection.pipeline() as pipe:
-            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.worker_ttl + 60)
-            pipe.execute()
+        # A Redis restart that lost the last second (appendfsync everysec), or
+        # all of it, drops the entry too. Never after register_death (below): a
+        # ghost for 80 s; nor before birth (serialize() needs it).
+        with self._lock:
+            if self._dead or self.birth_date is None:
+                return
+            log.warning("worker %s was dropped from the registry; back in", self.name)
+            with self.connection.pipeline() as pipe:
+                pipe.hset(
+                    self.key, mapping={**self.serialize(), "state": self.get_state()}
+                )
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
+
+    def register_death(self) -> None:
+        with self._lock:
+            self._dead = True
+            super().register_death()  # type: ignore[no-untyped-call]
 
     # --- frequent clean-up
 

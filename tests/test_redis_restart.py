@@ -8,14 +8,16 @@ worker process ended. With both workers gone, every task stayed queued.
 
 import os
 import random
+import shutil
 import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from common.settings import Settings
@@ -138,3 +140,35 @@ def test_tasks_all_finish_through_redis_kills_at_random_moments(
         assert finished == len(ids), dict(statuses)
     finally:
         workers.kill()
+
+
+def test_a_worker_that_redis_forgot_in_a_restart_registers_again(
+    redis_server: EmbeddedRedis, logs: Path
+) -> None:
+    # A restart that lost the workers' registration: here all of Redis's data
+    # (appendfsync everysec loses the last second; a Redis without its disk, all).
+    redis_server.start()
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    registered = f"rq:workers:{queue}"
+    workers = Workers(redis_server.url, queue, logs, 2, 3)
+    try:
+        client = redis.Redis.from_url(redis_server.url)
+        _wait_until(lambda: client.scard(registered) == 2, "both workers register")
+        redis_server.stop(kill=True)
+        shutil.rmtree(redis_server.data_dir)
+        redis_server.start()
+        client = redis.Redis.from_url(redis_server.url)
+        _wait_until(lambda: client.scard(registered) == 2, "both register again")
+        for key in client.smembers(registered):
+            assert client.ttl(key) > 0  # it still expires if the worker dies
+        workers.assert_alive("after the restart")
+    finally:
+        workers.kill()
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
