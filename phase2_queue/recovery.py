@@ -16,11 +16,12 @@ default) and a worker's maintenance runs (every 10 minutes). Here:
 """
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from uuid import uuid4
 
@@ -59,6 +60,9 @@ return 1
 # live owner: free it, in one script, for a live worker to take.
 SCHEDULER_LOCK_TTL = 61
 STALE_SCHEDULER_SECONDS = 10
+# A scheduler told to stop finishes its 1 s sleep, releases its lock and says
+# goodbye. Killed before it let go (Redis away, say), its lock is freed anyway.
+SCHEDULER_STOP_SECONDS = 5
 FREE_STALE_LOCK = """
 local ttl = redis.call('TTL', KEYS[1])
 if ttl >= 0 and ttl < tonumber(ARGV[1]) then
@@ -286,6 +290,23 @@ class RecoveringWorker(SimpleWorker):
         fresh = SCHEDULER_LOCK_TTL - STALE_SCHEDULER_SECONDS
         if self._free_stale_lock(keys=[key], args=[fresh]):
             log.warning("freed the scheduler lock of a scheduler that is gone")
+
+    def stop_scheduler(self) -> None:
+        """RQ's (SIGTERM, then wait for the scheduler process), with a bound on
+        the wait: RQ's has none. A scheduler that never stops (forked while
+        another thread held a lock it then needs, its stderr's, say) would hold
+        this worker in its teardown forever, taking no job, never starting over.
+        Killed, it leaves its lock, freed in STALE_SCHEDULER_SECONDS."""
+        process = self.scheduler._process if self.scheduler else None
+        if process is None or not process.pid:
+            return
+        with suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_SECONDS)
+        if process.is_alive():
+            log.warning("the scheduler did not stop in time; killing it")
+            process.kill()
+            process.join()
 
     def _start_scheduler(
         self, burst: bool = False, logging_level: str | None = "INFO", *_: Any

@@ -9,11 +9,13 @@ worker process ended. With both workers gone, every task stayed queued.
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from common.settings import Settings
 from phase2_queue import create_app
-from taskman.processes import free_port, taskman_command
+from taskman.processes import children, free_port, taskman_command
 from taskman.redis_server import EmbeddedRedis
 from tests.conftest import FINISHED, submit, wait_for
 
@@ -172,3 +174,27 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout} s: {what}")
         time.sleep(0.2)
+
+
+def test_a_worker_whose_scheduler_will_not_stop_still_stops(
+    redis_server: EmbeddedRedis, logs: Path
+) -> None:
+    # RQ waits for its scheduler process without a bound, in the teardown that
+    # every start-over after a lost Redis goes through. A stopped process stands
+    # in for one that never ends (one forked while another thread held a lock).
+    redis_server.start()
+    workers = Workers(redis_server.url, f"q{uuid.uuid4().hex[:8]}", logs, 2)
+    worker = workers.processes[0]
+    _wait_until(lambda: bool(children(worker.pid)), "the scheduler starts")
+    (scheduler,) = children(worker.pid)
+    try:
+        os.kill(scheduler, signal.SIGSTOP)
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker waits for its stuck scheduler forever")
+    finally:
+        with suppress(ProcessLookupError):  # the worker has killed it
+            os.kill(scheduler, signal.SIGKILL)
+        workers.kill()
