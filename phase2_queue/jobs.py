@@ -18,6 +18,7 @@ from common.settings import Settings
 from common.tasks import TASKS
 
 JOB_TIMEOUT = 300  # seconds; the longest task (sleep) takes 60
+SOCKET_TIMEOUT = 15  # seconds a reply may take (see connect)
 
 # A client names a registered type; its job names the function's dotted path.
 FUNCTIONS = {name: f"{t.run.__module__}.{t.run.__name__}" for name, t in TASKS.items()}
@@ -105,7 +106,18 @@ def connect(settings: Settings) -> redis.Redis:
             "which starts an embedded Redis"
         )
     return redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, health_check_interval=10
+        settings.redis_url,
+        socket_connect_timeout=2,
+        # Without a read timeout, a connection whose Redis vanished without
+        # closing it (its host or network gone: no FIN ever comes) blocks its
+        # reader forever: a worker in BLMOVE, the keeper's heartbeat (holding
+        # the lock the job's end waits for), the join of the scheduler at a
+        # start-over. It must outlast a worker's BLMOVE (RQ's dequeue timeout,
+        # worker_ttl - 15 = 5 s here); RQ answers a timeout by quitting its
+        # loop, and run_worker starts over. Keepalive finds an idle one dead.
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=10,
     )
 
 

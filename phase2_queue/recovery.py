@@ -16,11 +16,12 @@ default) and a worker's maintenance runs (every 10 minutes). Here:
 """
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from uuid import uuid4
 
@@ -59,6 +60,9 @@ return 1
 # live owner: free it, in one script, for a live worker to take.
 SCHEDULER_LOCK_TTL = 61
 STALE_SCHEDULER_SECONDS = 10
+# A scheduler told to stop finishes its 1 s sleep, releases its lock and says
+# goodbye. Killed before it let go (Redis away, say), its lock is freed anyway.
+SCHEDULER_STOP_SECONDS = 5
 FREE_STALE_LOCK = """
 local ttl = redis.call('TTL', KEYS[1])
 if ttl >= 0 and ttl < tonumber(ARGV[1]) then
@@ -87,6 +91,7 @@ class RecoveringWorker(SimpleWorker):
         self._job_beat_at = 0.0
         self._lock = threading.Lock()
         self._stop_keeper = threading.Event()
+        self._dead = False  # registered its death: never register again
         self._rescue = self.connection.register_script(RESCUE)
         self._free_stale_lock = self.connection.register_script(FREE_STALE_LOCK)
 
@@ -178,12 +183,25 @@ class RecoveringWorker(SimpleWorker):
             registered, born = pipe.execute()
         if registered and born:
             return
-        log.warning("worker %s was dropped from the registry; back in", self.name)
-        with self.connection.pipeline() as pipe:
-            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.worker_ttl + 60)
-            pipe.execute()
+        # A Redis restart that lost the last second (appendfsync everysec), or
+        # all of it, drops the entry too. Never after register_death (below): a
+        # ghost for 80 s; nor before birth (serialize() needs it).
+        with self._lock:
+            if self._dead or self.birth_date is None:
+                return
+            log.warning("worker %s was dropped from the registry; back in", self.name)
+            with self.connection.pipeline() as pipe:
+                pipe.hset(
+                    self.key, mapping={**self.serialize(), "state": self.get_state()}
+                )
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
+
+    def register_death(self) -> None:
+        with self._lock:
+            self._dead = True
+            super().register_death()  # type: ignore[no-untyped-call]
 
     # --- frequent clean-up
 
@@ -272,6 +290,23 @@ class RecoveringWorker(SimpleWorker):
         fresh = SCHEDULER_LOCK_TTL - STALE_SCHEDULER_SECONDS
         if self._free_stale_lock(keys=[key], args=[fresh]):
             log.warning("freed the scheduler lock of a scheduler that is gone")
+
+    def stop_scheduler(self) -> None:
+        """RQ's (SIGTERM, then wait for the scheduler process), with a bound on
+        the wait: RQ's has none. A scheduler that never stops (forked while
+        another thread held a lock it then needs, its stderr's, say) would hold
+        this worker in its teardown forever, taking no job, never starting over.
+        Killed, it leaves its lock, freed in STALE_SCHEDULER_SECONDS."""
+        process = self.scheduler._process if self.scheduler else None
+        if process is None or not process.pid:
+            return
+        with suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_SECONDS)
+        if process.is_alive():
+            log.warning("the scheduler did not stop in time; killing it")
+            process.kill()
+            process.join()
 
     def _start_scheduler(
         self, burst: bool = False, logging_level: str | None = "INFO", *_: Any

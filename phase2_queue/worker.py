@@ -10,6 +10,7 @@
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -149,7 +150,11 @@ def run_worker(
         worker: TaskWorker | None = None
         wait = 1.0
         try:
-            # Inside the try: RQ's Worker() already speaks to Redis.
+            # Inside the try: RQ's Worker() already speaks to Redis (CLIENT
+            # SETNAME). Outside it, a start-over while Redis was still away (it is
+            # restarting, or loading its AOF) ended the process once redis-py's
+            # few retries ran out; both workers lose Redis at the same moment, and
+            # with both gone every task stayed queued (issue 12, item 7).
             connection = connect(settings)
             worker = worker_class(
                 [task_queue(settings, connection)],
@@ -184,6 +189,15 @@ def run_worker(
             if burst and worker is None:
                 raise  # a burst worker that never reached Redis did nothing
             log.warning("worker lost Redis (%s); starting over", error)
+            # RQ's teardown failed before it stopped the worker's pubsub thread,
+            # which would otherwise listen (and log) for the dead worker forever.
+            if worker is not None and worker.pubsub_thread is not None:
+                worker.pubsub_thread.stop()
+        # No job runs until the next worker starts: a stop now ends the process
+        # at once, not through the gone worker's handlers (which ask Redis for
+        # its state, and raise when Redis is away).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # A warm shutdown (SIGTERM) of an idle worker sets only this date.
         stopping = worker is not None and worker._shutdown_requested_date is not None
         if burst or stopping:
