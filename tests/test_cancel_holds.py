@@ -25,10 +25,18 @@ from tests.processes import stop, taskman, wait_http
 TASKS = 400
 
 
-def _submit_then_cancel(base: str) -> tuple[str, int, dict[str, Any]]:
-    """POST an echo task, DELETE it 0-20 ms after its 202: (id, code, body)."""
+def _submit_then_cancel(n: int, base: str) -> tuple[str, int, dict[str, Any]]:
+    """POST a task, DELETE it 0-20 ms after its 202: (id, code, body). Mostly echo
+    (no checkpoint: the race with the worker's success); every fifth a 50 ms sleep,
+    which holds a worker so that echoes wait behind it and some DELETEs come in
+    time on a machine where a free worker would finish every echo first."""
+    body = (
+        {"type": "sleep", "payload": {"seconds": 0.05}}
+        if n % 5 == 0
+        else {"type": "echo", "payload": {"value": 1}}
+    )
     with httpx.Client(base_url=base, timeout=30) as client:
-        created = client.post("/tasks", json={"type": "echo", "payload": {"value": 1}})
+        created = client.post("/tasks", json=body)
         assert created.status_code == 202, created.text
         task_id = created.json()["id"]
         time.sleep(random.uniform(0, 0.02))
@@ -62,7 +70,7 @@ def test_a_delete_answered_200_means_the_task_ends_canceled(
     try:
         wait_http(f"{base}/health", process=server)
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(_submit_then_cancel, [base] * TASKS))
+            answers = list(pool.map(_submit_then_cancel, range(TASKS), [base] * TASKS))
         time.sleep(1.5)
         with httpx.Client(base_url=base, timeout=30) as client:
             final = {i: client.get(f"/tasks/{i}").json() for i, _, _ in answers}
