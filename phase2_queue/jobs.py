@@ -5,17 +5,21 @@ Jobs are plain RQ jobs with JSON data, so stock ``rq`` tools and rq-dashboard re
 them; two extra fields of the job's hash count attempts and fence the outcome.
 """
 
+import logging
 from datetime import timedelta
 from typing import Any
 
 import redis
 from rq import Queue
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import current_timestamp, now, utcformat
 
 from common.settings import Settings
 from common.tasks import TASKS
+
+log = logging.getLogger("taskman")
 
 JOB_TIMEOUT = 300  # seconds; the longest task (sleep) takes 60
 SOCKET_TIMEOUT = 15  # seconds a reply may take (see connect)
@@ -128,3 +132,20 @@ def task_queue(settings: Settings, connection: redis.Redis) -> Queue:
         serializer=JSONSerializer,  # never pickle: a job's data is plain JSON
         job_class=TaskJob,
     )
+
+
+def fail_unreadable(queue: Queue, job_id: str, error: Exception, pipe: Any) -> None:
+    """Fail a job that cannot be read or written back, in ``pipe``; logged (once:
+    it is failed, so never met again). Raw writes where RQ's would save() the job
+    it could not read: its status, its end, the failed registry (for ``rq`` tools
+    and the dashboard, which can requeue it once repaired)."""
+    log.error(
+        "job %s cannot be read or written back (%s: %s); failed, and the queue goes on",
+        job_id,
+        type(error).__name__,
+        str(error)[:200],
+    )
+    key = Job.key_for(job_id)
+    pipe.hset(key, mapping={"status": JobStatus.FAILED, "ended_at": utcformat(now())})
+    failed = queue.failed_job_registry.key
+    pipe.zadd(failed, {job_id: current_timestamp() + DEFAULT_FAILURE_TTL})

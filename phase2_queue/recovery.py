@@ -7,10 +7,10 @@ default) and a worker's maintenance runs (every 10 minutes). Here:
    spent, fails) a killed worker's job;
 2. a job taken off the queue by a worker that died before starting it goes back
    after one heartbeat TTL (RQ's own rescue takes a minute and counts an attempt);
-3. the scheduler (delayed retries) rides out Redis outages, and a dead owner's
-   lock is freed in seconds, not RQ's 61;
+3. the scheduler (delayed retries, scheduler.py) rides out Redis outages, and a
+   dead owner's lock is freed in seconds, not RQ's 61;
 4. a job that another client wrote and RQ cannot read or write back is failed on
-   its own: the worker and the scheduler go on with the others.
+   its own (jobs.py's fail_unreadable): the worker goes on with the others;
 5. a worker stopped (SIGSTOP) past its heartbeat and woken again goes back into
    RQ's worker registry (worker.py drops the outcome of the job it lost).
 """
@@ -27,17 +27,21 @@ from uuid import uuid4
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
-from rq.defaults import DEFAULT_FAILURE_TTL
-from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.group import Group
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
-from rq.utils import current_timestamp, now, utcformat
+from rq.utils import now, utcformat
 
-from common.process import close_inherited_sockets, die_with_parent
-from phase2_queue.jobs import TaskJob
+from phase2_queue.jobs import fail_unreadable
+from phase2_queue.scheduler import (
+    FREE_STALE_LOCK,
+    SCHEDULER_LOCK_TTL,
+    SCHEDULER_STOP_SECONDS,
+    STALE_SCHEDULER_SECONDS,
+    TaskScheduler,
+)
 
 log = logging.getLogger("taskman")
 
@@ -51,24 +55,6 @@ if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[2], 'enqueued_at', ARGV[2])
 redis.call('LPUSH', KEYS[3], ARGV[1])
 return 1
-"""
-
-# RQ's scheduler holds its lock for 61 s (interval + 60) and refreshes it every
-# second. A worker that dies after taking the lock and before its scheduler runs
-# (or a scheduler that dies without letting go) leaves it taken that long, every
-# delayed retry waiting. A lock not refreshed for STALE_SCHEDULER_SECONDS has no
-# live owner: free it, in one script, for a live worker to take.
-SCHEDULER_LOCK_TTL = 61
-STALE_SCHEDULER_SECONDS = 10
-# A scheduler told to stop finishes its 1 s sleep, releases its lock and says
-# goodbye. Killed before it let go (Redis away, say), its lock is freed anyway.
-SCHEDULER_STOP_SECONDS = 5
-FREE_STALE_LOCK = """
-local ttl = redis.call('TTL', KEYS[1])
-if ttl >= 0 and ttl < tonumber(ARGV[1]) then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
 """
 
 
@@ -334,82 +320,6 @@ class RecoveringWorker(SimpleWorker):
             scheduler.register_death()
 
 
-class TaskScheduler(RQScheduler):
-    """RQ's scheduler (a process the worker forks; it moves delayed retries to
-    the queue when due), made to ride out a Redis outage. RQ's dies at the first
-    connection error, and its lock stays taken for a minute (its TTL): every
-    delayed retry waits that long unless its worker lives to restart it."""
-
-    def work(self) -> None:
-        while True:
-            try:
-                super().work()  # type: ignore[no-untyped-call]
-                return
-            except redis.RedisError as error:
-                if self._stop_requested:
-                    return
-                self.log.warning("scheduler lost Redis (%s); retrying", error)
-                time.sleep(1)
-
-    def enqueue_scheduled_jobs(self) -> None:
-        """RQ's, which moves every due job in one pipeline: one job that RQ's Job
-        cannot read or write back (another client's meta of the wrong shape, say)
-        makes it raise, nothing moves, and every delayed retry waits for as long
-        as that job stays. Then: the due jobs one by one, as our TaskJob (which
-        reads what RQ's Job cannot), and one that cannot be moved even so failed
-        on its own."""
-        try:
-            super().enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
-        except redis.RedisError:
-            raise
-        except Exception as error:
-            self.log.warning("scheduler: %r; moving the due jobs one by one", error)
-            for registry in self._scheduled_job_registries:
-                queue = Queue(
-                    registry.name,
-                    connection=self.connection,
-                    serializer=self.serializer,
-                    job_class=TaskJob,
-                )
-                for job_id in registry.get_jobs_to_schedule(current_timestamp()):
-                    self._enqueue_one(registry, queue, job_id)
-
-    def _enqueue_one(self, registry: Any, queue: Queue, job_id: str) -> None:
-        with self.connection.pipeline() as pipe:
-            try:
-                job = TaskJob.fetch(
-                    job_id, connection=self.connection, serializer=self.serializer
-                )
-                # First in the pipeline: it may WATCH (for dependencies).
-                queue.enqueue_job(job, pipeline=pipe)
-            except NoSuchJobError:
-                pass  # gone: out of the registry, as RQ's does
-            except redis.RedisError:
-                raise
-            except Exception as error:
-                pipe.reset()
-                fail_unreadable(queue, job_id, error, pipe)
-            registry.remove(job_id, pipeline=pipe)
-            pipe.execute()
-
-
-def fail_unreadable(queue: Queue, job_id: str, error: Exception, pipe: Any) -> None:
-    """Fail a job that cannot be read or written back, in ``pipe``; logged (once:
-    it is failed, so never met again). Raw writes where RQ's would save() the job
-    it could not read: its status, its end, the failed registry (for ``rq`` tools
-    and the dashboard, which can requeue it once repaired)."""
-    log.error(
-        "job %s cannot be read or written back (%s: %s); failed, and the queue goes on",
-        job_id,
-        type(error).__name__,
-        str(error)[:200],
-    )
-    key = Job.key_for(job_id)
-    pipe.hset(key, mapping={"status": JobStatus.FAILED, "ended_at": utcformat(now())})
-    failed = queue.failed_job_registry.key
-    pipe.zadd(failed, {job_id: current_timestamp() + DEFAULT_FAILURE_TTL})
-
-
 def _keeping(step: Callable[[], None]) -> bool:
     """Run one of the keeper's steps; whether it went through. Whatever it raises,
     the keeper goes on: one that died (a TypeError from an RQ whose hooks changed,
@@ -422,14 +332,3 @@ def _keeping(step: Callable[[], None]) -> bool:
     except Exception:
         log.exception("worker keeper: %s failed; going on", step.__name__)
     return False
-
-
-def in_scheduler_child() -> None:
-    """RQ forks its scheduler from the worker (the only fork a SimpleWorker makes):
-    pass this to ``os.register_at_fork(after_in_child=...)``."""
-    # If the worker is killed in BLMOVE, the child's copy of that socket would keep
-    # the dead BLMOVE waiting in Redis, and it would swallow the next job.
-    close_inherited_sockets()
-    # If the worker is SIGKILLed, stop too: SIGTERM makes RQ's scheduler release
-    # its lock, for another worker to take over at once.
-    die_with_parent(signal.SIGTERM)

@@ -25,7 +25,8 @@ from rq.serializers import JSONSerializer
 from common.context import task_context
 from common.settings import Settings
 from phase2_queue.jobs import TaskJob, connect, task_queue
-from phase2_queue.recovery import RecoveringWorker, in_scheduler_child
+from phase2_queue.recovery import RecoveringWorker
+from phase2_queue.scheduler import in_scheduler_child
 
 log = logging.getLogger("taskman")
 
