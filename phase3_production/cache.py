@@ -2,9 +2,10 @@
 
 A finished task changes only if someone acts on Redis behind our back (a requeue or
 delete in rq-dashboard), so it is worth caching, in two layers:
-- in Redis, shared by every API process: the task's JSON with the job status it was
-  cached at. One round trip reads the entry *and* the job's live status; if they
-  differ, the entry is dropped. So this layer is never stale.
+- in Redis, shared by every API process: the task's JSON with the job's status and
+  end as they were when it was cached. One round trip reads the entry *and* the
+  job's live status and end; if they differ, the entry is dropped. So this layer is
+  never stale.
 - in this process, for at most ``LOCAL_SECONDS``: no round trip at all. This is the
   only layer that can be stale, by at most that long.
 Entries never outlive RQ's own result TTL, and concurrent misses for one task share
@@ -63,7 +64,7 @@ class CachedBackend:
         if local is not None and local[0] > time.monotonic():
             self._outcome(hit=True)
             return local[1]
-        cached = await self._from_redis(task_id)
+        cached, seen = await self._from_redis(task_id)
         if cached is not None:
             self._outcome(hit=True)
             self._remember(cached)
@@ -79,7 +80,7 @@ class CachedBackend:
             if task is not None and task.status.finished:
                 # Redis refusing writes (full?) means no cache entry, not an error.
                 with contextlib.suppress(BackendUnavailable):
-                    await self._store(task)
+                    await self._store(task, seen)
 
             future.set_result(task)
             return task
@@ -108,20 +109,27 @@ class CachedBackend:
         with unavailable_when_redis_is_down():
             await self._redis.delete(_key(task_id))
 
-    async def _from_redis(self, task_id: str) -> Task | None:
+    async def _from_redis(self, task_id: str) -> tuple[Task | None, bytes]:
+        """The cached task if the job is as it was when cached; and the job as it
+        is now (its status and end), to store with the task a miss reads next."""
         with unavailable_when_redis_is_down():
-            (cached_status, body), live_status = await self._batch.execute_commands(
-                ("HMGET", _key(task_id), "status", "task"),
-                ("HGET", f"rq:job:{task_id}", "status"),
+            (cached_seen, body), live = await self._batch.execute_commands(
+                ("HMGET", _key(task_id), "seen", "task"),
+                ("HMGET", f"rq:job:{task_id}", "status", "ended_at"),
             )
+        # The end too, not the status alone: a requeued task that fails again is
+        # "failed" again, with a new attempt and a new end.
+        seen = b" ".join(value or b"" for value in live)
         if body is None:
-            return None
-        if cached_status != live_status:  # requeued or deleted behind our back
+            return None, seen
+        if cached_seen != seen:  # requeued, run again or deleted behind our back
             await self.invalidate(task_id)
-            return None
-        return Task.model_validate_json(body)
+            return None, seen
+        return Task.model_validate_json(body), seen
 
-    async def _store(self, task: Task) -> None:
+    async def _store(self, task: Task, seen: bytes) -> None:
+        """Cache ``task`` with ``seen``, the job as it was before the task was read
+        from it: a change in between makes the next read a miss, never stale."""
         if task.finished_at is None:  # never, from our backends; not cached if so
             return
         finished = task.finished_at.replace(tzinfo=task.finished_at.tzinfo or UTC)
@@ -129,15 +137,11 @@ class CachedBackend:
         ttl = int(min(self._ttl, left))
         if ttl <= 0:
             return
-        live = {"succeeded": "finished", "failed": "failed", "canceled": "canceled"}
         with unavailable_when_redis_is_down():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     _key(task.id),
-                    mapping={
-                        "status": live[task.status],
-                        "task": task.model_dump_json(),
-                    },
+                    mapping={"seen": seen, "task": task.model_dump_json()},
                 )
                 pipe.expire(_key(task.id), ttl)
                 await pipe.execute()

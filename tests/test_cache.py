@@ -3,6 +3,8 @@ stampede, ETag and 304."""
 
 import asyncio
 import base64
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -79,6 +81,32 @@ def test_a_cache_entry_never_outlives_rqs_result_ttl(redis_url: str) -> None:
         client.get(f"/tasks/{task['id']}")
     ttl = redis.Redis.from_url(redis_url).ttl(f"taskman:cache:{task['id']}")
     assert 0 < ttl <= 5
+
+
+def test_a_requeue_by_stock_rq_that_fails_again_is_not_served_stale(
+    client: TestClient, settings: Settings
+) -> None:
+    """A requeue that ends in the same status (failed, then failed again) must show
+    its new attempt: the cache may not tell the two failures apart by status."""
+    task = submit(client, "fail", message="again", max_retries=0)
+    drain_queue(settings, phase=3)
+    first = client.get(f"/tasks/{task['id']}").json()
+    assert client.get(f"/tasks/{task['id']}").headers["x-cache"] == "HIT"
+    rq = str(Path(sys.executable).parent / "rq")
+    subprocess.run(
+        [
+            *(rq, "requeue", "--all", "--queue", settings.queue_name),
+            *("--url", str(settings.redis_url), "-S", "rq.serializers.JSONSerializer"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    drain_queue(settings, phase=3)
+    time.sleep(1.1)  # past the in-process layer's second
+    again = client.get(f"/tasks/{task['id']}").json()
+    assert (first["attempts"], again["attempts"]) == (1, 2), again
+    assert again["finished_at"] > first["finished_at"]
 
 
 def test_a_dashboard_requeue_shows_within_two_seconds(
