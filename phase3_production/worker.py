@@ -45,17 +45,10 @@ class FastWorker(phase2.TaskWorker):
         return super().perform_job(job, queue, execution)
 
     def handle_job_failure(
-        self,
-        job: Job,
-        queue: Queue,
-        started_job_registry: Any = None,
-        exc_string: str = "",
-        execution: Execution | None = None,
+        self, job: Job, queue: Queue, *args: Any, **kwargs: Any
     ) -> None:
         self._failure = "retried" if job.should_retry else "failed"
-        super().handle_job_failure(
-            job, queue, started_job_registry, exc_string, execution=execution
-        )
+        super().handle_job_failure(job, queue, *args, **kwargs)
 
     def increment_successful_job_count(self, pipeline: Any = None) -> None:
         super().increment_successful_job_count(pipeline)
