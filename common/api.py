@@ -5,19 +5,29 @@ Routes reach the phase's backend through ``app.state.backend``; a phase's
 """
 
 import gc
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from common.backend import BackendUnavailable, TaskBackend
 from common.errors import install_error_handling
-from common.models import Task, TaskCreate
+from common.events import event_stream, wait_until_finished
+from common.listing import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    BadCursor,
+    TaskQuery,
+    decode_cursor,
+)
+from common.models import BatchCreate, Task, TaskCreate, TaskList, TaskPage, TaskStatus
 from common.settings import Settings
+from common.tasks import TASKS
 
 # Ids are opaque to clients, but we know ours: anything else is not found, without
 # asking the backend.
@@ -74,6 +84,42 @@ def idempotency_key(request: Request) -> str | None:
     raise RequestValidationError([{"type": kind, "loc": where, "msg": message}])
 
 
+MAX_WAIT = 30.0
+WAIT_SCHEMA = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "Seconds to wait for the task to finish before answering "
+    "(answered at once when it does).",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT},
+}
+
+
+def wait_seconds(request: Request) -> float | None:
+    """The ``wait`` query parameter: 0 < S <= 30, else the 422 FastAPI would give."""
+    given = request.query_params.get("wait")
+    if given is None:
+        return None
+    try:
+        seconds = float(given)
+    except ValueError:
+        problem = ("float_parsing", "Input should be a valid number")
+    else:
+        if not math.isfinite(seconds) or seconds <= 0:
+            problem = ("greater_than", "Input should be greater than 0")
+        elif seconds > MAX_WAIT:
+            problem = (
+                "less_than_equal",
+                f"Input should be less than or equal to {MAX_WAIT:g}",
+            )
+        else:
+            return seconds
+    kind, message = problem
+    raise RequestValidationError(
+        [{"type": kind, "loc": ("query", "wait"), "msg": message}]
+    )
+
+
 NOT_FOUND = "task not found"
 
 
@@ -102,15 +148,90 @@ async def create_task(body: TaskCreate, request: Request) -> Response:
     return task_response(task, 202 if created else 200, location)
 
 
-@router.get("/tasks/{task_id}", response_model=Task)
-async def read_task(task_id: str, request: Request) -> Response:
-    """A task's status, and its result once finished."""
-    task = (
-        await backend_of(request).get(task_id) if TASK_ID.fullmatch(task_id) else None
+@router.post(
+    "/tasks/batch",
+    status_code=202,
+    response_model=TaskList,
+    responses={200: {"model": TaskList, "description": "an idempotent repeat"}},
+    openapi_extra={"parameters": [IDEMPOTENCY_KEY_SCHEMA]},
+)
+async def create_tasks(body: BatchCreate, request: Request) -> Response:
+    """Queue 1 to 1000 tasks at once: all valid and all queued, or none."""
+    key = idempotency_key(request)
+    tasks, created = await backend_of(request).submit_many(body.tasks, key)
+    return Response(
+        TaskList(tasks=tasks).model_dump_json(),
+        202 if created else 200,
+        media_type="application/json",
     )
+
+
+@router.get("/tasks", response_model=TaskPage)
+async def list_tasks(
+    request: Request,
+    status: TaskStatus | None = None,
+    type: Annotated[str | None, Query(description=f"one of {', '.join(TASKS)}")] = None,  # noqa: A002
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    """Tasks, newest first, a page at a time; filter by status and type."""
+    if type is not None and type not in TASKS:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "unknown_task_type",
+                    "loc": ("query", "type"),
+                    "msg": f"unknown task type; known types: {', '.join(TASKS)}",
+                }
+            ]
+        )
+    try:
+        after = decode_cursor(cursor) if cursor is not None else None
+    except BadCursor as error:
+        raise RequestValidationError(
+            [{"type": "invalid_cursor", "loc": ("query", "cursor"), "msg": str(error)}]
+        ) from None
+    query = TaskQuery(status=status, type=type, limit=limit, after=after)
+    page = await backend_of(request).list(query)
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+@router.get(
+    "/tasks/{task_id}",
+    response_model=Task,
+    openapi_extra={"parameters": [WAIT_SCHEMA]},
+)
+async def read_task(task_id: str, request: Request) -> Response:
+    """A task's status, and its result once finished; with ``wait``, as soon as it
+    finishes (or after that many seconds, as it is then)."""
+    seconds = wait_seconds(request)
+    backend = backend_of(request)
+    task = await backend.get(task_id) if TASK_ID.fullmatch(task_id) else None
+    if task is not None and seconds is not None:
+        task = await wait_until_finished(backend, task, seconds)
     if task is None:
         raise HTTPException(status_code=404, detail=NOT_FOUND)
     return task_response(task)
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Server-Sent Events: one `task` event (the task as JSON) "
+            "now and at each change of status or progress; closed once finished.",
+        }
+    },
+)
+async def task_events(task_id: str, request: Request) -> Response:
+    """Follow a task as it runs, without polling."""
+    backend = backend_of(request)
+    task = await backend.get(task_id) if TASK_ID.fullmatch(task_id) else None
+    if task is None:
+        raise HTTPException(status_code=404, detail=NOT_FOUND)
+    return event_stream(backend, task)
 
 
 @router.delete("/tasks/{task_id}", response_model=Task)

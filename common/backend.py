@@ -6,7 +6,8 @@ phase is a new backend behind the same routes.
 
 from typing import Any, ClassVar, Protocol
 
-from common.models import Task, TaskCreate
+from common.listing import TaskQuery
+from common.models import Task, TaskCreate, TaskPage
 
 
 class TaskBackend(Protocol):
@@ -16,7 +17,26 @@ class TaskBackend(Protocol):
         """Queue a task; answer it and whether it is new (False: an idempotent repeat)."""
         ...
 
+    async def submit_many(
+        self, requests: list[TaskCreate], idempotency_key: str | None = None
+    ) -> tuple[list[Task], bool]:
+        """Queue tasks all together or none (a batch); the key covers the batch."""
+        ...
+
     async def get(self, task_id: str) -> Task | None: ...
+
+    async def wait(
+        self, task_id: str, timeout: float, seen: Task | None = None
+    ) -> Task | None:
+        """The task as soon as it is not ``seen`` (its status, progress, attempts
+        or anything else changed) or has finished, else after ``timeout`` seconds
+        as it is then; None if there is no such task. Never a poll in a loop of
+        sleeps: each phase blocks on what its runners signal."""
+        ...
+
+    async def list(self, query: TaskQuery) -> TaskPage:
+        """A page of tasks, newest first (see common/listing.py)."""
+        ...
 
     async def cancel(self, task_id: str) -> Task | None:
         """Cancel a pending or running task; raise TaskFinished if it is done."""

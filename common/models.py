@@ -3,17 +3,25 @@
 import hashlib
 import json
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from common.tasks import TASKS
 
 
 class TaskStatus(StrEnum):
+    SCHEDULED = "scheduled"  # waits for its run_at (delay_seconds, run_at)
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -26,6 +34,27 @@ class TaskStatus(StrEnum):
         return self in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED)
 
 
+class Priority(StrEnum):
+    """Which queue a task waits in. Runners take ``high`` first, then ``normal``,
+    then ``low``: strictly, so a steady stream of high tasks starves the rest."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+MAX_DELAY_SECONDS = 24 * 3600
+
+
+class Progress(BaseModel):
+    """How far a running task has come, as its function reports it
+    (:func:`common.context.report_progress`)."""
+
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+    message: str | None = Field(default=None, max_length=200)
+
+
 class TaskCreate(BaseModel):
     """A request to run a registered task type on a payload."""
 
@@ -34,6 +63,44 @@ class TaskCreate(BaseModel):
     type: str = Field(examples=["primes"], description=f"one of {', '.join(TASKS)}")
     payload: dict[str, Any] = Field(examples=[{"limit": 100000}])
     max_retries: int | None = Field(default=None, ge=0, le=10, strict=True)
+    priority: Priority = Priority.NORMAL
+    delay_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False, strict=True
+    )
+    run_at: AwareDatetime | None = Field(
+        default=None,
+        strict=True,
+        description="ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z",
+    )
+
+    @model_validator(mode="after")
+    def _when_is_one_moment(self) -> Self:
+        if self.delay_seconds is not None and self.run_at is not None:
+            raise PydanticCustomError(
+                "delay_and_run_at", "give delay_seconds or run_at, not both"
+            )
+        if self.run_at is not None:
+            self.run_at = self.run_at.astimezone(UTC)
+            ahead = (self.run_at - utcnow()).total_seconds()
+            if ahead < 0:
+                raise PydanticCustomError(
+                    "run_at_past",
+                    "run_at is in the past: {run_at}",
+                    {"run_at": str(self.run_at)},
+                )
+            if ahead > MAX_DELAY_SECONDS:
+                raise PydanticCustomError(
+                    "run_at_too_far", "run_at must be within 24 hours from now"
+                )
+        return self
+
+    def due_at(self, now: datetime) -> datetime | None:
+        """When the task may run, if not at once (None: queue it now)."""
+        if self.run_at is not None:
+            return self.run_at
+        if self.delay_seconds:  # 0 is "now"
+            return now + timedelta(seconds=self.delay_seconds)
+        return None
 
     @model_validator(mode="after")
     def _payload_fits_type(self) -> Self:
@@ -84,6 +151,38 @@ class Task(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    priority: Priority = Priority.NORMAL
+    run_at: datetime | None = None  # a scheduled task's due time
+    progress: Progress | None = None
+
+
+class TaskPage(BaseModel):
+    """One page of ``GET /tasks``, newest first; ``next_cursor`` fetches the next
+    one (null: there is no more). A filtered page may hold fewer than ``limit``
+    tasks and still have a next one: each page looks at a bounded number."""
+
+    tasks: list[Task]
+    next_cursor: str | None = None
+
+
+MAX_BATCH = 1000
+
+
+class BatchCreate(BaseModel):
+    """``POST /tasks/batch``: up to 1000 tasks, all valid or none queued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+class TaskList(BaseModel):
+    """The tasks a batch queued, in the order they were sent."""
+
+    tasks: list[Task]
 
 
 def utcnow() -> datetime:
@@ -91,14 +190,19 @@ def utcnow() -> datetime:
 
 
 def new_task(request: TaskCreate, default_retries: int) -> Task:
-    """The task a POST answers with: queued, not yet tried, under a fresh id."""
+    """The task a POST answers with: queued (or scheduled, when it has a due time
+    to wait for), not yet tried, under a fresh id."""
+    created = utcnow()
+    due = request.due_at(created)
     return Task(
         id=secrets.token_hex(16),  # as uuid4().hex, at a third of the cost
         type=request.type,
-        status=TaskStatus.QUEUED,
+        status=TaskStatus.QUEUED if due is None else TaskStatus.SCHEDULED,
         payload=request.payload,
         max_retries=(
             default_retries if request.max_retries is None else request.max_retries
         ),
-        created_at=utcnow(),
+        created_at=created,
+        priority=request.priority,
+        run_at=due,
     )

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.context import checkpoint, current_attempt
+from common.context import checkpoint, current_attempt, report_progress
 
 MAX_TEXT = 16 * 1024
 
@@ -85,10 +85,13 @@ def primes(limit: int) -> dict[str, int]:
     """Count the primes <= limit with a sieve of Eratosthenes (CPU-bound)."""
     sieve = bytearray([1]) * (limit + 1)
     sieve[0:2] = b"\x00\x00"
-    for p in range(2, math.isqrt(limit) + 1):
+    root = math.isqrt(limit)
+    for p in range(2, root + 1):
         if sieve[p]:
             sieve[p * p :: p] = bytes(len(range(p * p, limit + 1, p)))
             checkpoint()
+            report_progress(p, root, "sieving")
+    report_progress(root, root, "counting")
     return {"count": sieve.count(1)}
 
 
@@ -99,6 +102,8 @@ def hash(data: str, iterations: int) -> dict[str, str]:  # noqa: A001
         digest = hashlib.sha256(digest).digest()
         if i % 4096 == 0:
             checkpoint()
+            report_progress(i, iterations)
+    report_progress(iterations, iterations)
     return {"digest": digest.hex()}
 
 

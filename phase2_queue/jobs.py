@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 
+from common.models import Priority
 from common.settings import Settings
 from common.tasks import TASKS
 
@@ -125,9 +126,32 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
-def task_queue(settings: Settings, connection: redis.Redis) -> Queue:
+# One RQ queue per priority; a worker listens on all three, in this order, and RQ
+# takes from the first that has a job (`rq worker high default low`, RQ's own way).
+PRIORITY_SUFFIX = {Priority.HIGH: "-high", Priority.NORMAL: "", Priority.LOW: "-low"}
+
+
+def queue_name(settings: Settings, priority: Priority = Priority.NORMAL) -> str:
+    """The RQ queue of a priority: ``taskman-high``, ``taskman``, ``taskman-low``."""
+    return settings.queue_name + PRIORITY_SUFFIX[priority]
+
+
+def queue_names(settings: Settings) -> list[str]:
+    """Every queue of ours, in the order workers take from them."""
+    return [queue_name(settings, priority) for priority in Priority]
+
+
+def index_key(settings: Settings) -> str:
+    """The sorted set that lists our tasks newest first (common/listing.py): RQ
+    keeps its registries by expiry, not by creation, and has no list of all jobs."""
+    return f"taskman:index:{settings.queue_name}"
+
+
+def task_queue(
+    settings: Settings, connection: redis.Redis, priority: Priority = Priority.NORMAL
+) -> Queue:
     return Queue(
-        settings.queue_name,
+        queue_name(settings, priority),
         connection=connection,
         serializer=JSONSerializer,  # never pickle: a job's data is plain JSON
         job_class=TaskJob,
