@@ -185,7 +185,8 @@ def bench(
     if rtt:
         from taskman.bench.rtt import rtt_table, run_rtt
 
-        found = run_rtt(out, jobs=30, posts=20) if quick else run_rtt(out)
+        # Quick: one delay, a few jobs; for the tests.
+        found = run_rtt(out, [5.0], jobs=30, posts=20) if quick else run_rtt(out)
         print(rtt_table(found))
         console.print(f"[dim]JSON: {found['json']}[/dim]")
         return
