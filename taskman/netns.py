@@ -58,7 +58,13 @@ def unavailable() -> str | None:
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
+    try:  # and what a network is made of: a bridge, a veth pair
+        for link in (("br0", "type", "bridge"), ("v0", "type", "veth")):
+            made = _ip("-n", probe, "link", "add", *link, check=False)
+            if made.returncode != 0:
+                return f"no {link[-1]} links: {made.stderr.strip()}"
+    finally:
+        _ip("netns", "del", probe, check=False)
     return None
 
 
