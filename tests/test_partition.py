@@ -184,7 +184,7 @@ def test_a_stale_workers_late_outcome_is_refused_after_a_short_partition(
     # A partition shorter than a Redis read timeout (15 s): the stale run lives
     # through it, stuck in its task's cancel check, and reports when the link is
     # back, after the other worker (4 s heartbeats here) has finished the task.
-    partition, sleep = 12.0, 3.0
+    partition, sleep = 13.0, 2.0
 
     def scenario(phase: int) -> None:
         with scene(phase, tmp_path / f"phase{phase}", heartbeat=4) as s:
@@ -196,7 +196,7 @@ def test_a_stale_workers_late_outcome_is_refused_after_a_short_partition(
                 done = s.until(
                     "the task finishes on the other worker",
                     lambda: (t := s.task(task_id))["status"] == "succeeded" and t,
-                    partition - 1,
+                    partition - 0.5,
                 )
                 assert s.host_of(task_id) == other
                 time.sleep(max(0.0, partition - (time.monotonic() - cut)))
