@@ -54,10 +54,19 @@ class Relay:
             # Each write goes out at once: Nagle would hold pipelined writes back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         held: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        ended = threading.Semaphore(0)
+
+        def close_when_both_ended() -> None:
+            ended.acquire()
+            ended.acquire()
+            client.close()
+            upstream.close()
+
         for target in (
-            lambda: _pump(client, upstream),
+            lambda: _pump(client, upstream, ended),
             lambda: self._hold(upstream, held),
-            lambda: _release(held, client),
+            lambda: _release(held, client, ended),
+            close_when_both_ended,
         ):
             threading.Thread(target=target, daemon=True).start()
 
@@ -72,7 +81,9 @@ class Relay:
         held.put((0.0, b""))  # the end
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(
+    source: socket.socket, sink: socket.socket, ended: threading.Semaphore
+) -> None:
     """Client to upstream, as it comes."""
     try:
         while data := source.recv(_CHUNK):
@@ -80,10 +91,13 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
     except OSError:
         pass
     _shut(sink)
+    ended.release()
 
 
 def _release(
-    held: "queue.SimpleQueue[tuple[float, bytes]]", sink: socket.socket
+    held: "queue.SimpleQueue[tuple[float, bytes]]",
+    sink: socket.socket,
+    ended: threading.Semaphore,
 ) -> None:
     """Upstream to client, each chunk when its time has come."""
     try:
@@ -97,6 +111,7 @@ def _release(
     except OSError:
         pass
     _shut(sink)
+    ended.release()
 
 
 def _shut(sock: socket.socket) -> None:
