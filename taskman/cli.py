@@ -171,10 +171,25 @@ def bench(
     figures: Annotated[
         str, typer.Option(help="Comma-separated: http, durability, workers, loop.")
     ] = "http,durability,workers,loop",
+    rtt: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: worker jobs/s and POST latency at 0, 1 and 5 ms of "
+            "round trip to Redis, on hosts of their own (network namespaces; root)."
+        ),
+    ] = False,
 ) -> None:
     """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
     from taskman.bench import FIGURES, run, table
 
+    if rtt:
+        from taskman.bench.rtt import rtt_table, run_rtt
+
+        # Quick: one delay, a few jobs; for the tests.
+        found = run_rtt(out, [5.0], jobs=30, posts=20) if quick else run_rtt(out)
+        print(rtt_table(found))
+        console.print(f"[dim]JSON: {found['json']}[/dim]")
+        return
     if quick:
         seconds, jobs = 1, 300
     chosen = [int(p) for p in phases.split(",") if p.strip()]
