@@ -60,8 +60,10 @@ def test_finished_tasks_expire_after_the_retention() -> None:
         done = wait_for(client, submit(client, "echo", value=1)["id"])
         assert client.get(f"/tasks/{done['id']}").status_code == 200
         time.sleep(1.1)
-        submit(client, "echo", value=2)  # expiry is swept on the way in
+        later = submit(client, "echo", value=2)  # expiry is swept on the way in
         assert client.get(f"/tasks/{done['id']}").status_code == 404
+        listed = client.get("/tasks").json()["tasks"]
+        assert [task["id"] for task in listed] == [later["id"]]  # gone from it too
 
 
 def test_a_retrying_task_can_be_canceled() -> None:
