@@ -7,6 +7,7 @@ so a command prints that line and exits 2 instead of showing a traceback.
 """
 
 import json
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -18,10 +19,16 @@ FINISHED = ("succeeded", "failed", "canceled")
 # An event stream says something (a change, or a keepalive comment) at least
 # every 15 s (common/events.py): twice that in silence means it is dead.
 STREAM_READ_TIMEOUT = 30.0
+RECONNECTS = 5
+RECONNECT_PAUSE = 1.0
 
 
 class ClientError(Exception):
     """A request that did not get the answer it asked for; ``str()`` is one line."""
+
+
+class _StreamBroke(Exception):
+    """An event stream that began and broke off: worth opening again."""
 
 
 class TaskClient:
@@ -93,8 +100,32 @@ class TaskClient:
 
     def events(self, task_id: str) -> Iterator[dict[str, Any]]:
         """``GET /tasks/{id}/events``: the task at once, then at each change,
-        ending with the event that shows it finished."""
+        ending with the event that shows it finished.
+
+        A stream that breaks off after it began (its ``error`` event: Redis did
+        not answer; or a dropped connection) is opened again, as the contract
+        asks, up to :data:`RECONNECTS` times in a row, a second apart.
+        """
+        failures = 0
+        while True:
+            try:
+                for task in self._stream(task_id):
+                    failures = 0
+                    yield task
+                    if task.get("status") in FINISHED:
+                        return
+                problem = f"{self.url} closed the event stream before the task finished"
+            except _StreamBroke as broke:
+                problem = str(broke)
+            failures += 1
+            if failures > RECONNECTS:
+                raise ClientError(problem)
+            time.sleep(RECONNECT_PAUSE)
+
+    def _stream(self, task_id: str) -> Iterator[dict[str, Any]]:
+        """One connection to the event stream: its tasks, until it ends."""
         timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT)
+        began = False
         try:
             with self._http.stream(
                 "GET", f"/tasks/{task_id}/events", timeout=timeout
@@ -102,20 +133,20 @@ class TaskClient:
                 if response.is_error:
                     response.read()
                     raise ClientError(self._refusal(response))
-                task: dict[str, Any] | None = None
                 for event, data in _server_sent_events(response.iter_lines()):
                     if event == "task":
-                        task = _decoded(data, response)
-                        yield task
-                    elif event in ("gone", "error"):
+                        began = True
+                        yield _decoded(data, response)
+                    elif event == "gone":  # the task expired: nothing to wait for
                         detail = _decoded(data, response).get("detail", data)
                         raise ClientError(f"{self.url}: {detail}")
-                if task is None or task.get("status") not in FINISHED:
-                    raise ClientError(
-                        f"{self.url} closed the event stream before the task finished"
-                    )
+                    elif event == "error":
+                        detail = _decoded(data, response).get("detail", data)
+                        raise _StreamBroke(f"{self.url}: {detail}")
         except httpx.HTTPError as error:
-            raise ClientError(self._failure(error)) from None
+            if not began:  # nothing answers there: say so at once
+                raise ClientError(self._failure(error)) from None
+            raise _StreamBroke(self._failure(error)) from None
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """``DELETE /tasks/{id}``: the task, now canceled."""

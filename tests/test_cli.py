@@ -17,9 +17,13 @@ import threading
 import time
 from collections.abc import Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import (
+    BaseHTTPRequestHandler,
+    SimpleHTTPRequestHandler,
+    ThreadingHTTPServer,
+)
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -263,3 +267,49 @@ def test_make_run_serves_on_the_port_given(tmp_path: Path) -> None:
     finally:
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(timeout=30)
+
+
+# --- an event stream that breaks off
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Serves one task's event stream: the first connection says the task is
+    running, then that Redis did not answer (the API's ``error`` event); the
+    next one that the task succeeded."""
+
+    protocol_version = "HTTP/1.0"  # the stream ends as the connection closes
+    opened: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.opened.append(self.path)
+        task = {"id": "f" * 32, "type": "echo", "status": "running", "attempts": 1}
+        events = [("task", task)]
+        if len(self.opened) == 1:
+            events.append(("error", {"detail": "the queue (Redis) is unreachable"}))
+        else:
+            events.append(("task", {**task, "status": "succeeded", "result": 1}))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for number, (name, data) in enumerate(events, 1):
+            text = f"id: {number}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+            self.wfile.write(text.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_watch_opens_a_broken_off_stream_again() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        done = run("watch", "f" * 32, url=url, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "succeeded"
+    assert _Flaky.opened == [f"/tasks/{'f' * 32}/events"] * 2
+    assert "Traceback" not in done.stderr
