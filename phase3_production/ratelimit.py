@@ -167,7 +167,11 @@ class RateLimit:
         try:
             verdict = await self.check(kind, policies, self.client_key(scope))
         except STORAGE_ERRORS as error:
-            self._down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            moment = time.monotonic()
+            # Only a real failure starts the pause: the pause's own refusals
+            # extending it, a limiter under steady load never asked Redis again.
+            if moment >= self._down_until:
+                self._down_until = moment + REDIS_BACKOFF_SECONDS
             self._warn(error)
             if self.fail_closed:
                 await _json(
