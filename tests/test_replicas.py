@@ -3,6 +3,7 @@ replica: 202 once the replica holds the task; 503 when it cannot confirm, with
 the task wholly queued on the primary, and the same task again for a retry with
 the Idempotency-Key. Sentinel settings are checked here too."""
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from common.settings import Settings
-from phase2_queue.jobs import url_options
-from taskman.redis_server import EmbeddedRedis
+from phase2_queue.jobs import connect, url_options
+from phase3_production.redis_client import connect_async
+from taskman.processes import free_port, start, stop
+from taskman.redis_server import EmbeddedRedis, redis_binary
 
 PHASES = ["phase2_queue", "phase3_production"]
 
@@ -125,3 +128,55 @@ def test_the_url_gives_credentials_and_tls_to_sentinel_clients() -> None:
     assert options["db"] == 2 and options["ssl"] is True
     assert options["ssl_cert_reqs"] == "none"
     assert "host" not in options and "port" not in options
+
+
+def test_the_urls_password_reaches_the_primary_and_the_sentinel(
+    tmp_path: Path,
+) -> None:
+    password = "s3cret"
+    port = free_port()
+    primary = EmbeddedRedis(
+        tmp_path / "p",
+        port=port,
+        extra_args=["--requirepass", password],
+        url=f"redis://:{password}@127.0.0.1:{port}/0",
+    )
+    primary.start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nrequirepass {password}\n"
+        f"sentinel monitor m 127.0.0.1 {primary.port} 1\n"
+        f"sentinel auth-pass m {password}\n"
+    )
+    sentinel = start([redis_binary(), str(conf), "--sentinel"], own_session=True)
+    settings = Settings(
+        # Only the password and the database count; the host is the sentinels'.
+        redis_url=f"redis://:{password}@unused-host/3",
+        redis_sentinels=f"127.0.0.1:{port}",  # type: ignore[arg-type]
+        redis_sentinel_master="m",
+    )
+    try:
+        client = connect(settings)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.set("through-sentinel", "sync")
+                break
+            except redis.ConnectionError:  # the sentinel is starting
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        direct = redis.Redis(port=primary.port, password=password, db=3)
+        assert direct.get("through-sentinel") == b"sync"
+
+        async def asynchronously() -> None:
+            aclient = connect_async(settings)
+            await aclient.set("through-sentinel", "async")
+            await aclient.aclose()
+
+        asyncio.run(asynchronously())
+        assert direct.get("through-sentinel") == b"async"
+        client.close()
+    finally:
+        stop(sentinel)
+        primary.stop()
