@@ -78,6 +78,8 @@ class Cluster:
             )
             process = start([redis_binary(), str(conf), "--sentinel"], own_session=True)
             self.sentinels.append(process)
+
+    def wait_until_met(self) -> None:
         # Before any failover can happen, each sentinel must know the replica and
         # the two other sentinels (they find each other through the primary).
         deadline = time.monotonic() + 20
@@ -169,7 +171,7 @@ class Outcome:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path)
-    cluster.start()
+    cluster.start()  # the sentinels meet while the API and workers start up
     yield cluster
     cluster.stop()
 
@@ -195,12 +197,13 @@ def failover_under_load(cluster: Cluster, tmp_path: Path, min_replicas: int) -> 
     ]
     api, url = start_api("phase3_production", env, log=tmp_path / "api.log")
     try:
+        cluster.wait_until_met()
         wait_healthy(url, api)
         load = Load(url)
         clients = [threading.Thread(target=load.run) for _ in range(CLIENTS)]
         for client in clients:
             client.start()
-        time.sleep(2)
+        time.sleep(1.5)
         assert load.accepted, f"nothing accepted before the failover: {load.answers}"
 
         old = cluster.primary.port
@@ -218,7 +221,7 @@ def failover_under_load(cluster: Cluster, tmp_path: Path, min_replicas: int) -> 
             time.sleep(0.05)
         switched = killed_at + promoted_after
         resumed_after = min(at for at in load.accepted_at if at > switched) - killed_at
-        time.sleep(2)  # more load, on the new primary
+        time.sleep(1)  # more load, on the new primary
         load.stopping.set()
         for client in clients:
             client.join()
