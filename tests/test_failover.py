@@ -186,6 +186,8 @@ def failover_under_load(cluster: Cluster, tmp_path: Path, min_replicas: int) -> 
         "TASKMAN_RATE_LIMIT_READ": "",
         "TASKMAN_DASHBOARD_PASSWORD": "pw",
         "TASKMAN_JOB_HEARTBEAT_SECONDS": "4",
+        # Delayed retries: the workers' scheduler must move them, on the new primary.
+        "TASKMAN_RETRY_BACKOFF": "0.5",
         "TASKMAN_QUEUE_NAME": f"failover{min_replicas}",
     }
     env.pop("TASKMAN_REDIS_URL", None)
@@ -226,8 +228,8 @@ def failover_under_load(cluster: Cluster, tmp_path: Path, min_replicas: int) -> 
         for client in clients:
             client.join()
 
-        follows_the_primary(url)
-        lost, stuck = settle(url, load.accepted)
+        retried = follows_the_primary(url)
+        lost, stuck = settle(url, load.accepted + retried)
         return Outcome(
             answers=load.answers,
             accepted=len(load.accepted),
@@ -242,10 +244,11 @@ def failover_under_load(cluster: Cluster, tmp_path: Path, min_replicas: int) -> 
             stop(worker)
 
 
-def follows_the_primary(url: str) -> None:
+def follows_the_primary(url: str) -> list[str]:
     """After the failover, the rate limiter counts again (its headers are back;
     after a failure it leaves Redis alone for a second) and the dashboard reads
-    the new primary."""
+    the new primary; the ids of tasks that fail once, whose retry the scheduler
+    must move to the queue (settle() checks they succeed)."""
     deadline = time.monotonic() + 10
     while True:
         response = httpx.post(
@@ -262,6 +265,10 @@ def follows_the_primary(url: str) -> None:
         headers={"Authorization": f"Basic {basic}"},
     )
     assert dashboard.status_code == 200, dashboard.text
+    flaky = {"type": "flaky", "payload": {"fail_times": 1}, "max_retries": 1}
+    retried = [httpx.post(url + "/tasks", json=flaky) for _ in range(3)]
+    assert all(response.status_code == 202 for response in retried)
+    return [response.json()["id"] for response in retried]
 
 
 def settle(url: str, accepted: list[str], timeout: float = 30) -> tuple[int, int]:
