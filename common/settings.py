@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -51,6 +51,16 @@ class Settings(BaseSettings):
 
     # --- phases 2 and 3: Redis and RQ
     redis_url: str | None = None
+    # Redis Sentinel: "host:port,host:port,..." and the service's name. When set,
+    # every client asks the sentinels where the primary is (and again after a
+    # failover); TASKMAN_REDIS_URL then gives only the user, password, database
+    # and TLS options, for the primary and the sentinels alike.
+    redis_sentinels: Annotated[list[str], NoDecode] = []
+    redis_sentinel_master: str | None = None
+    # POST answers 202 only once this many replicas hold the task (Redis WAIT),
+    # waiting at most redis_wait_timeout seconds; else 503 (phase2_queue/replicas.py).
+    redis_min_replicas: int = Field(default=0, ge=0, le=16)
+    redis_wait_timeout: float = Field(default=1.0, gt=0, le=4)
     queue_name: str = "taskman"
     data_dir: Path = Path(".taskman")
     # A worker SIGKILLed mid-task is noticed after this many seconds without a
@@ -76,7 +86,7 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "redis_sentinels", mode="before")
     @classmethod
     def _split_strings(cls, value: object) -> object:
         if isinstance(value, str):
@@ -89,6 +99,29 @@ class Settings(BaseSettings):
         if not value or any(delay < 0 for delay in value):
             raise ValueError("give one or more delays in seconds, each >= 0")
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r}: give each sentinel as host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinels_and_master(self) -> "Settings":
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "set TASKMAN_REDIS_SENTINELS and TASKMAN_REDIS_SENTINEL_MASTER "
+                "together (the sentinels, and the name of the primary they watch)"
+            )
+        return self
+
+    @property
+    def redis_configured(self) -> bool:
+        """Whether Redis is named at all: a URL, or sentinels to ask."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

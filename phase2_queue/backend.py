@@ -37,6 +37,7 @@ from phase2_queue.jobs import (
     connect,
     task_queue,
 )
+from phase2_queue.replicas import replicated
 
 STATUSES = {
     JobStatus.QUEUED: TaskStatus.QUEUED,
@@ -75,7 +76,15 @@ class RQBackend:
     async def submit(
         self, request: TaskCreate, idempotency_key: str | None = None
     ) -> tuple[Task, bool]:
-        return await _off_the_loop(self._submit, request, idempotency_key)
+        # With TASKMAN_REDIS_MIN_REPLICAS, the write and then WAIT on one connection.
+        return await _off_the_loop(
+            replicated,
+            self._settings,
+            self._redis,
+            self._submit,
+            request,
+            idempotency_key,
+        )
 
     def _submit(
         self, request: TaskCreate, idempotency_key: str | None

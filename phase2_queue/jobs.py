@@ -10,6 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import redis
+from redis.connection import UnixDomainSocketConnection, parse_url
+from redis.sentinel import Sentinel
 from rq import Queue
 from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job, JobStatus
@@ -19,6 +21,7 @@ from rq.utils import current_timestamp, now, utcformat
 from common.models import Priority
 from common.settings import Settings
 from common.tasks import TASKS
+from phase2_queue.replicas import PinnablePool, PinnableSentinelPool
 
 log = logging.getLogger("taskman")
 
@@ -104,14 +107,19 @@ class TaskJob(Job):
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A sync client for RQ (which is sync), with timeouts so nothing hangs."""
-    if not settings.redis_url:
+    """A sync client for RQ (which is sync), with timeouts so nothing hangs.
+
+    The one place every sync client is made (the API's phase-2 calls, the
+    workers, their scheduler, the dashboard), so all of them follow the primary
+    that Sentinel names, when TASKMAN_REDIS_SENTINELS is set. Its pool can pin a
+    connection for a write and its WAIT (replicas.py).
+    """
+    if not settings.redis_configured:
         raise RuntimeError(
-            "phase 2 needs Redis: set TASKMAN_REDIS_URL, or run `taskman serve`, "
-            "which starts an embedded Redis"
+            "phase 2 needs Redis: set TASKMAN_REDIS_URL (or TASKMAN_REDIS_SENTINELS), "
+            "or run `taskman serve`, which starts an embedded Redis"
         )
-    return redis.Redis.from_url(
-        settings.redis_url,
+    timeouts: dict[str, Any] = dict(
         socket_connect_timeout=2,
         # Without a read timeout, a connection whose Redis vanished without
         # closing it (its host or network gone: no FIN ever comes) blocks its
@@ -124,6 +132,61 @@ def connect(settings: Settings) -> redis.Redis:
         socket_keepalive=True,
         health_check_interval=10,
     )
+    if settings.redis_sentinels:
+        options = url_options(settings)
+        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_addresses(settings),
+            sentinel_kwargs=sentinel_options(options),
+            **options,
+        )
+        assert settings.redis_sentinel_master  # the settings check both are set
+        client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+            settings.redis_sentinel_master,
+            connection_pool_class=PinnableSentinelPool,
+            **timeouts,
+        )
+        return client
+    assert settings.redis_url
+    return redis.Redis(
+        connection_pool=PinnablePool.from_url(settings.redis_url, **timeouts)
+    )
+
+
+# Ask a sentinel that does not answer for no longer than this, then the next one.
+SENTINEL_TIMEOUT = 0.5
+
+
+def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
+    """TASKMAN_REDIS_SENTINELS as (host, port) pairs ("[::1]:26379" too)."""
+    pairs = (address.rpartition(":") for address in settings.redis_sentinels)
+    return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+
+def url_options(settings: Settings) -> dict[str, Any]:
+    """What TASKMAN_REDIS_URL says besides where Redis is: user, password,
+    database, TLS (``rediss://`` and its ``ssl_*`` query options), as redis-py
+    keywords. With sentinels, they say where; these go to every connection."""
+    if not settings.redis_url:
+        return {}
+    options = dict(parse_url(settings.redis_url))  # type: ignore[no-untyped-call]
+    if options.pop("connection_class", None) is UnixDomainSocketConnection:
+        raise ValueError(
+            "with TASKMAN_REDIS_SENTINELS, TASKMAN_REDIS_URL is no unix://"
+        )
+    for where in ("host", "port", "path"):
+        options.pop(where, None)
+    if settings.redis_url.startswith("rediss://"):
+        options["ssl"] = True
+    return options
+
+
+def sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The same credentials and TLS for the sentinels; a sentinel has no database."""
+    return {
+        **{key: value for key, value in options.items() if key != "db"},
+        "socket_timeout": SENTINEL_TIMEOUT,
+        "socket_connect_timeout": SENTINEL_TIMEOUT,
+    }
 
 
 # One RQ queue per priority; a worker listens on all three, in this order, and RQ

@@ -67,10 +67,12 @@ class RecoveringWorker(SimpleWorker):
         *args: Any,
         heartbeat_ttl: int = 10,
         scheduler_name: str | None = None,
+        reconnect: Callable[[], redis.Redis] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.heartbeat_ttl = heartbeat_ttl
+        self.reconnect = reconnect  # how its scheduler connects (scheduler.py)
         self.scheduler_name = scheduler_name or uuid4().hex
         # The job being run and its execution, for the keeper to beat.
         self._running: tuple[Job, Execution] | None = None
@@ -304,6 +306,7 @@ class RecoveringWorker(SimpleWorker):
             logging_level=logging_level or "INFO",
             serializer=self.serializer,
             name=self.scheduler_name,
+            reconnect=self.reconnect,
         )
         self.scheduler = scheduler
         scheduler.acquire_locks()

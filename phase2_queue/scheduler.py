@@ -9,6 +9,7 @@ frees a dead owner's lock in seconds and bounds the wait for it to stop.
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -46,6 +47,27 @@ class TaskScheduler(RQScheduler):
     the queue when due), made to ride out a Redis outage. RQ's dies at the first
     connection error, and its lock stays taken for a minute (its TTL): every
     delayed retry waits that long unless its worker lives to restart it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        reconnect: Callable[[], redis.Redis] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._reconnect = reconnect
+
+    @property
+    def connection(self) -> redis.Redis:
+        """Given ``reconnect`` (the worker's connect(settings)), a client of its
+        own made the way every other is. RQ's rebuilds one from the worker's
+        pool's settings, in the forked process; a Sentinel pool's settings hold
+        the parent's sentinel clients, whose sockets in_scheduler_child closed
+        (their numbers free to be reused by the next socket opened)."""
+        if self._connection is None and self._reconnect is not None:
+            self._connection = self._reconnect()  # type: ignore[assignment]
+        connection: redis.Redis = super().connection
+        return connection
 
     def work(self) -> None:
         while True:

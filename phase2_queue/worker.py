@@ -167,6 +167,7 @@ def run_worker(
                 worker_ttl=20,
                 maintenance_interval=settings.job_heartbeat_seconds // 2,
                 scheduler_name=scheduler_name,
+                reconnect=lambda: connect(settings),
             )
             worker.max_connection_wait_time = 2.0
             worker.work(

@@ -26,6 +26,7 @@ from phase2_queue.backend import (
     unavailable_when_redis_is_down,
 )
 from phase2_queue.jobs import TaskJob
+from phase2_queue.replicas import wait_command
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.enqueue import Enqueue
 from phase3_production.redis_client import connect_async
@@ -36,9 +37,9 @@ class FastRQBackend(RQBackend):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        assert settings.redis_url  # connect() in super() has checked it
-        self.redis = connect_async(settings.redis_url)
-        self.batch = AutoPipeline(self.redis)  # the cache reads through it too
+        self.redis = connect_async(settings)
+        # The cache reads through it too; WAIT: see phase2_queue/replicas.py.
+        self.batch = AutoPipeline(self.redis, wait=wait_command(settings))
         self._enqueue_script = Enqueue(settings, self._queue.name, self.batch)
 
     @property

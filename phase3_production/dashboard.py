@@ -18,7 +18,7 @@ import rq_dashboard
 import rq_dashboard.web
 from a2wsgi import WSGIMiddleware
 from fastapi import FastAPI
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from flask.json.provider import DefaultJSONProvider
 from flask.templating import DispatchingJinjaLoader
 from jinja2 import Environment
@@ -35,6 +35,7 @@ from werkzeug.exceptions import HTTPException
 from common.backend import BackendUnavailable
 from common.settings import Settings
 from phase2_queue.backend import unavailable_when_redis_is_down
+from phase2_queue.jobs import connect
 
 log = logging.getLogger("taskman")
 
@@ -161,14 +162,16 @@ def redacted_redis_urls(urls: str | Sequence[str]) -> list[str]:
     return redacted
 
 
-def create_dashboard_app(redis_url: str) -> Flask:
-    """rq-dashboard as a Flask app, reading our Redis with RQ's JSONSerializer."""
+def create_dashboard_app(settings: Settings) -> Flask:
+    """rq-dashboard as a Flask app, reading our Redis with RQ's JSONSerializer,
+    through the client connect() makes (so it follows a Sentinel failover)."""
     # base.html links the app's own "static" endpoint (the favicon): serve
     # rq-dashboard's static folder under both names.
     static = Path(rq_dashboard.__file__).parent / "static"
     app = _DashboardFlask(__name__, static_folder=str(static))
     app.config.from_object(rq_dashboard.default_settings)
-    app.config["RQ_DASHBOARD_REDIS_URL"] = redis_url
+    app.config["RQ_DASHBOARD_REDIS_URL"] = _shown_url(settings)
+    app.taskman_redis = connect(settings)  # type: ignore[attr-defined]
     # Module globals in rq-dashboard 0.9, not Flask settings: every dashboard in
     # this process reads jobs the way our workers write them.
     web: Any = rq_dashboard.web
@@ -181,8 +184,12 @@ def create_dashboard_app(redis_url: str) -> Flask:
     # Its list of Redis instances hides the URL's password, not its query string
     # (where redis-py reads one too): show where Redis is, nothing more.
     web.escape_format_instance_list = redacted_redis_urls
+    # It makes a client from the URL (at start, and again on every request that
+    # names the instance): ours instead, the one connect() made for this app.
+    web.from_url = _this_apps_redis
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="")
-    rq_dashboard.web.setup_rq_connection(app)
+    with app.app_context():
+        rq_dashboard.web.setup_rq_connection(app)
 
     @app.before_request
     def refuse_state_change_by_get() -> Response | None:
@@ -240,6 +247,19 @@ def create_dashboard_app(redis_url: str) -> Flask:
         return _json_error(app, code, detail)
 
     return app
+
+
+def _this_apps_redis(*args: Any, **kwargs: Any) -> tuple[None, redis.Redis]:
+    """rq-dashboard's from_url(), answered with the current app's client."""
+    return None, current_app.taskman_redis  # type: ignore[attr-defined]
+
+
+def _shown_url(settings: Settings) -> str:
+    """Where the dashboard says Redis is (redacted_redis_urls shows it)."""
+    if settings.redis_sentinels:
+        first = settings.redis_sentinels[0]
+        return f"redis+sentinel://{first}/{settings.redis_sentinel_master}"
+    return str(settings.redis_url)
 
 
 def _bad_path_argument(args: dict[str, Any], instances: int) -> str | None:
@@ -360,10 +380,13 @@ def mount_dashboard(app: FastAPI, settings: Settings) -> None:
         bare: ASGIApp = NOT_FOUND
         mounted: ASGIApp = NOT_FOUND
     else:
-        if not settings.redis_url:
-            raise ValueError("the dashboard reads Redis: set TASKMAN_REDIS_URL")
+        if not settings.redis_configured:
+            raise ValueError(
+                "the dashboard reads Redis: set TASKMAN_REDIS_URL or "
+                "TASKMAN_REDIS_SENTINELS"
+            )
         user, password = settings.dashboard_username, settings.dashboard_password
-        flask_app: Any = create_dashboard_app(settings.redis_url)
+        flask_app: Any = create_dashboard_app(settings)
         # a2wsgi declares its own ASGI/WSGI types; they mean the same as starlette's.
         dashboard = cast(ASGIApp, WSGIMiddleware(flask_app))
         bare = DashboardGate(_to_slash, user, password)

@@ -87,10 +87,10 @@ class Enqueue:
             *self.job_hash(task),
         )
         try:
-            earlier: bytes | None = await self._batch.execute_command(*command)
+            earlier: bytes | None = await self._batch.execute_write(*command)
         except NoScriptError:  # a Redis that restarted has forgotten the script
             await self._batch.redis.script_load(ENQUEUE)
-            earlier = await self._batch.execute_command(*command)
+            earlier = await self._batch.execute_write(*command)
         return earlier
 
     def job_hash(self, task: Task) -> list[Any]:

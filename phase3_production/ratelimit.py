@@ -113,8 +113,11 @@ class RateLimit:
         on_limited: Callable[[str], None] | None = None,
         warn_every: float = 60.0,
     ) -> None:
-        if not settings.redis_url:
-            raise ValueError("rate limiting needs Redis: set TASKMAN_REDIS_URL")
+        if not settings.redis_configured:
+            raise ValueError(
+                "rate limiting needs Redis: set TASKMAN_REDIS_URL or "
+                "TASKMAN_REDIS_SENTINELS"
+            )
         self.app = app
         self.fail_closed = settings.rate_limit_fail_mode == "closed"
         self.on_limited = on_limited
@@ -130,7 +133,7 @@ class RateLimit:
         # refused connection 3 times with up to 10 s of backoff, and a rate limiter
         # must fail fast; and the checks of concurrent requests share pipelines.
         self._redis = connect_async(
-            settings.redis_url,
+            settings,
             timeout=REDIS_TIMEOUT_SECONDS,
             connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
@@ -138,7 +141,9 @@ class RateLimit:
         self._pool = self._redis.connection_pool
         options: dict[str, Any] = {"connection_pool": self._pool}
         storage = RedisStorage(
-            storage_uri(settings.redis_url),
+            # Given a pool, limits reads only the URI's scheme: the pool says
+            # where Redis is (with sentinels, wherever the primary is now).
+            storage_uri(settings.redis_url or "redis://"),
             wrap_exceptions=True,
             implementation="redispy",
             key_prefix=key_prefix,
@@ -162,7 +167,11 @@ class RateLimit:
         try:
             verdict = await self.check(kind, policies, self.client_key(scope))
         except STORAGE_ERRORS as error:
-            self._down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            moment = time.monotonic()
+            # Only a real failure starts the pause: the pause's own refusals
+            # extending it, a limiter under steady load never asked Redis again.
+            if moment >= self._down_until:
+                self._down_until = moment + REDIS_BACKOFF_SECONDS
             self._warn(error)
             if self.fail_closed:
                 await _json(

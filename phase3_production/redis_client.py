@@ -16,24 +16,49 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
 
+from common.settings import Settings
+from phase2_queue.jobs import sentinel_addresses, sentinel_options, url_options
+
 
 def connect_async(
-    url: str, timeout: float = 5, connect_timeout: float = 1
+    settings: Settings, timeout: float = 5, connect_timeout: float = 1
 ) -> aioredis.Redis:
     """One quick retry only: it survives a connection that went stale when Redis
-    restarted, and fails fast when Redis is away."""
-    pool = aioredis.ConnectionPool.from_url(
-        url,
+    restarted (or a failover moved the primary), and fails fast when Redis is away.
+
+    The one place every asyncio client is made (the backend, the cache, the rate
+    limiter): with TASKMAN_REDIS_SENTINELS, a pool whose connections ask the
+    sentinels for the primary, each time one (re)connects.
+    """
+    options: dict[str, Any] = dict(
         socket_connect_timeout=connect_timeout,
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
     )
-    # from_url picked the class for the URL's scheme (TCP, TLS or a Unix socket).
+    if settings.redis_sentinels:
+        url = url_options(settings)
+        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_addresses(settings),
+            sentinel_kwargs=sentinel_options(url),
+            **url,
+        )
+        assert settings.redis_sentinel_master  # the settings check both are set
+        client: aioredis.Redis = sentinels.master_for(
+            settings.redis_sentinel_master, **options
+        )
+        pool = client.connection_pool
+    else:
+        if not settings.redis_url:
+            raise RuntimeError("set TASKMAN_REDIS_URL or TASKMAN_REDIS_SENTINELS")
+        pool = aioredis.ConnectionPool.from_url(settings.redis_url, **options)
+        client = aioredis.Redis(connection_pool=pool)
+    # from_url (or Sentinel) picked the class: TCP, TLS or a Unix socket.
     pool.connection_class = _packed_by_hiredis(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
+    return client
 
 
 _PACKER = HiredisRespSerializer()

@@ -64,7 +64,7 @@ def serve(
     with ExitStack() as stack:
         if queued(phase):
             settings = Settings()
-            if not settings.redis_url:
+            if not settings.redis_configured:  # a URL, or sentinels to ask
                 redis_server = EmbeddedRedis(settings.data_dir / "redis")
                 url = stack.enter_context(redis_server)
                 os.environ["TASKMAN_REDIS_URL"] = url  # for the app and the workers

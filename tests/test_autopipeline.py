@@ -11,6 +11,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from common.settings import Settings
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.redis_client import connect_async
 from taskman.redis_server import EmbeddedRedis, free_port
@@ -18,7 +19,7 @@ from taskman.redis_server import EmbeddedRedis, free_port
 
 @asynccontextmanager
 async def auto_pipeline(url: str) -> AsyncIterator[AutoPipeline]:
-    client = connect_async(url)
+    client = connect_async(Settings(redis_url=url))
     batch = AutoPipeline(client)
     try:
         yield batch

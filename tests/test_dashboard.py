@@ -27,7 +27,7 @@ XSS = "<script>alert(1)</script><img src=x onerror=alert(1)>"
 
 # rq-dashboard's own routes, read from its Flask url_map (the app connects lazily,
 # so no Redis is needed to list them).
-_URL_MAP = create_dashboard_app("redis://127.0.0.1:1/0").url_map
+_URL_MAP = create_dashboard_app(Settings(redis_url="redis://127.0.0.1:1/0")).url_map
 RULES = sorted(
     (rule.rule, sorted(rule.methods or ())) for rule in _URL_MAP.iter_rules()
 )
@@ -302,7 +302,7 @@ def test_a_queue_name_in_the_url_cannot_inject_script(
     # At the gate: not a path the dashboard serves.
     assert client.get(path, headers=AUTH).status_code == 404
     # Behind it as well: the name reaches the page's JavaScript as a JSON string.
-    flask_app: Any = create_dashboard_app(redis_url)
+    flask_app: Any = create_dashboard_app(Settings(redis_url=redis_url))
     page = (
         flask_app.test_client()
         .get(path.removeprefix("/dashboard"))

@@ -247,6 +247,24 @@ def test_redis_down_with_fail_open_lets_requests_through_and_warns_once(
     assert len(warnings) == 1
 
 
+def test_limits_come_back_with_redis_under_steady_requests(tmp_path: Path) -> None:
+    # After a failure the limiter leaves Redis alone for a second; requests that
+    # keep coming within that second must not keep renewing it (they did: under
+    # load, a Redis blip or a failover turned rate limiting off for good).
+    server = EmbeddedRedis(tmp_path)
+    app = limited_app(server.url, rate_limit_read="1000/minute")
+    with TestClient(app) as client:
+        assert "ratelimit" not in client.get(UNKNOWN_TASK).headers  # not up yet
+        server.start()
+        try:
+            deadline = time.monotonic() + 5
+            while "ratelimit" not in client.get(UNKNOWN_TASK).headers:
+                assert time.monotonic() < deadline, "rate limiting never came back"
+                time.sleep(0.1)  # steadier than the one-second pause
+        finally:
+            server.stop()
+
+
 def test_redis_down_with_fail_closed_answers_503_with_retry_after(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
