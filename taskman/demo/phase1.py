@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 from rich.markup import escape
 
+from taskman.demo.features import features
 from taskman.demo.narration import DemoError, Tour, Watched
 from taskman.demo.servers import Processes, base_env, serve
 from taskman.redis_server import free_port
@@ -74,6 +75,7 @@ def phase1(tour: Tour, workdir: Path) -> None:
 
             retries(tour, client)
             cancel(tour, client)
+            features(tour, client)
 
             tour.step(
                 "Stop the server while tasks are queued",
