@@ -141,6 +141,14 @@ def queue_names(settings: Settings) -> list[str]:
     return [queue_name(settings, priority) for priority in Priority]
 
 
+def priority_of(origin: str | None) -> Priority:
+    """A job's priority, read back from its origin queue's name (its suffix)."""
+    for priority in (Priority.HIGH, Priority.LOW):
+        if origin and origin.endswith(PRIORITY_SUFFIX[priority]):
+            return priority
+    return Priority.NORMAL
+
+
 def index_key(settings: Settings) -> str:
     """The sorted set that lists our tasks newest first (common/listing.py): RQ
     keeps its registries by expiry, not by creation, and has no list of all jobs."""
@@ -156,6 +164,11 @@ def task_queue(
         serializer=JSONSerializer,  # never pickle: a job's data is plain JSON
         job_class=TaskJob,
     )
+
+
+def task_queues(settings: Settings, connection: redis.Redis) -> list[Queue]:
+    """The three queues, in the order workers take from them."""
+    return [task_queue(settings, connection, priority) for priority in Priority]
 
 
 def fail_unreadable(queue: Queue, job_id: str, error: Exception, pipe: Any) -> None:
