@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -69,9 +70,20 @@ class TaskCreate(BaseModel):
     )
     run_at: AwareDatetime | None = Field(
         default=None,
-        strict=True,
         description="ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z",
     )
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _run_at_is_text(cls, value: Any) -> Any:
+        # Not strict=True: FastAPI validates the parsed JSON in Python mode, where
+        # a strict datetime refuses every string. Lax, pydantic would take a
+        # number for a Unix time; the contract says ISO-8601 text.
+        if value is not None and not isinstance(value, str | datetime):
+            raise PydanticCustomError(
+                "datetime_type", "Input should be an ISO-8601 date and time"
+            )
+        return value
 
     @model_validator(mode="after")
     def _when_is_one_moment(self) -> Self:
