@@ -24,6 +24,7 @@ from common.models import BatchCreate, Task, TaskCreate, TaskPage, new_task
 from common.settings import Settings
 from phase2_queue.backend import (
     UNREADABLE,
+    WAIT_SLICE,
     RQBackend,
     end_registry,
     live_workers,
@@ -31,14 +32,12 @@ from phase2_queue.backend import (
     to_task,
     unavailable_when_redis_is_down,
 )
-from phase2_queue.jobs import TaskJob, index_key, queue_names
+from phase2_queue.jobs import TaskJob, queue_names
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.enqueue import Enqueue
 from phase3_production.redis_client import connect_async
+from phase3_production.worker import changes_key, signal_commands
 
-# A wait blocks on the results stream this long at a time, then reads the job
-# again: a change of status or progress writes no result, so it shows within this.
-WAIT_SLICE = 1.0
 # Waits blocked at once, each on a connection of its own (a blocking XREAD holds
 # its connection). Past this, a wait queues for a free connection, still within
 # its own timeout; the requests' pool is never touched.
@@ -56,7 +55,7 @@ class FastRQBackend(RQBackend):
         self._enqueue_script = Enqueue(settings, self.batch)
         # Blocking reads never go through the auto-pipeline: one XREAD BLOCK in a
         # batch would hold back every other request's reply behind it.
-        self._waits = connect_async(settings.redis_url, timeout=WAIT_SLICE + 5)
+        self._wait_client = connect_async(settings.redis_url, timeout=WAIT_SLICE + 5)
         self._wait_slots = asyncio.Semaphore(MAX_WAITS)
 
     @property
@@ -112,28 +111,35 @@ class FastRQBackend(RQBackend):
         return await self._submit_all(requests, fingerprint, idempotency_key)
 
     async def get(self, task_id: str) -> Task | None:
-        task, _ = await self._read(task_id)
-        return task
+        return await self._fetch(task_id)
 
     async def wait(
         self, task_id: str, timeout: float, seen: Task | None = None
     ) -> Task | None:
-        """Phase 2's wait on RQ's results stream, from the event loop: XREAD BLOCK
-        from the latest result this read saw, so a result written between the read
-        and the block still wakes it."""
+        """Phase 2's wait on RQ's results stream, from the event loop, and on the
+        task's change stream (worker.py: a start, progress, a cancel), so that
+        it wakes at once on those too. XREAD BLOCK from the entries this read
+        saw: one written between the read and the block still wakes it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            task, last_result = await self._read(task_id)
+            with unavailable_when_redis_is_down():
+                raw, results, changes = await self.batch.execute_commands(
+                    *_reads(task_id), _latest(changes_key(task_id))
+                )
+            task = await self._decode(task_id, raw, results)
             left = deadline - loop.time()
             if task is None or task.status.finished or task != seen or left <= 0:
                 return task
-            await self._block_on_results(task_id, last_result, min(left, WAIT_SLICE))
+            streams = {
+                f"rq:results:{task_id}": _entry(results),
+                changes_key(task_id): _entry(changes),
+            }
+            await self._block_on(streams, min(left, WAIT_SLICE))
 
-    async def _block_on_results(
-        self, task_id: str, after: bytes, seconds: float
-    ) -> None:
-        """Until a result newer than ``after`` lands, or ``seconds`` pass."""
+    async def _block_on(self, streams: dict[str, bytes], seconds: float) -> None:
+        """Until an entry newer than the given lands in one of ``streams``, or
+        ``seconds`` pass."""
         try:
             async with asyncio.timeout(seconds):
                 await self._wait_slots.acquire()
@@ -141,8 +147,8 @@ class FastRQBackend(RQBackend):
             return  # every wait connection is busy: read the job again
         try:
             with unavailable_when_redis_is_down():
-                await self._waits.xread(
-                    {f"rq:results:{task_id}": after},
+                await self._wait_client.xread(
+                    streams,  # type: ignore[arg-type]
                     count=1,
                     block=max(1, int(seconds * 1000)),
                 )
@@ -179,17 +185,11 @@ class FastRQBackend(RQBackend):
         cursor = encode_cursor(members[looked - 1].decode()) if more else None
         return TaskPage(tasks=tasks, next_cursor=cursor)
 
-    @property
-    def _index(self) -> str:
-        return index_key(self._settings)
-
-    async def _read(self, task_id: str) -> tuple[Task | None, bytes]:
-        """The task, and the id of its latest result ("0-0": none yet)."""
+    async def _fetch(self, task_id: str) -> Task | None:
         with unavailable_when_redis_is_down():
             # One round trip, shared with other requests' (see autopipeline.py).
             raw, results = await self.batch.execute_commands(*_reads(task_id))
-        task = await self._decode(task_id, raw, results)
-        return task, results[0][0] if results else b"0-0"
+        return await self._decode(task_id, raw, results)
 
     async def _decode(
         self, task_id: str, raw: dict[bytes, bytes], results: Sequence[Any]
@@ -222,6 +222,14 @@ class FastRQBackend(RQBackend):
         except UNREADABLE as error:  # another client's job, or a damaged one
             return not_a_task(task_id, error)
 
+    async def cancel(self, task_id: str) -> Task | None:
+        """Phase 2's cancel; then the change signal, for the waits."""
+        task = await super().cancel(task_id)
+        if task is not None:
+            with unavailable_when_redis_is_down():
+                await self.batch.execute_commands(*signal_commands(task_id))
+        return task
+
     async def health(self) -> dict[str, Any]:
         with unavailable_when_redis_is_down():
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -239,13 +247,22 @@ class FastRQBackend(RQBackend):
     async def aclose(self) -> None:
         await self.batch.aclose()
         await self.redis.aclose()
-        await self._waits.aclose()
+        await self._wait_client.aclose()
         await super().aclose()
+
+
+def _latest(stream: str) -> tuple[Any, ...]:
+    return ("XREVRANGE", stream, "+", "-", "COUNT", 1)
+
+
+def _entry(reply: Sequence[Any]) -> bytes:
+    """The id of a stream's latest entry, from XREVRANGE's reply ("0-0": none)."""
+    return bytes(reply[0][0]) if reply else b"0-0"
 
 
 def _reads(task_id: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """The job's hash and its latest result: what a task is read from."""
     return (
         ("HGETALL", f"rq:job:{task_id}"),
-        ("XREVRANGE", f"rq:results:{task_id}", "+", "-", "COUNT", 1),
+        _latest(f"rq:results:{task_id}"),
     )

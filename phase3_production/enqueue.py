@@ -20,7 +20,6 @@ not a job.
 """
 
 import json
-import math
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from rq.job import JobStatus
 from common.listing import position
 from common.models import Task
 from common.settings import Settings
+from phase2_queue.backend import due_second
 from phase2_queue.jobs import FUNCTIONS, JOB_TIMEOUT, index_key, queue_name
 from phase3_production.autopipeline import AutoPipeline
 
@@ -166,7 +166,7 @@ def _timestamp(task: Task) -> int:
     task never starts early) and RQ's ScheduledJobRegistry scores it: whole
     seconds."""
     assert task.run_at is not None
-    return math.ceil(task.run_at.timestamp())
+    return int(due_second(task.run_at).timestamp())
 
 
 def _compress(data: bytes) -> bytes:
