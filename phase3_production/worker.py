@@ -66,8 +66,8 @@ class FastJob(TaskJob):
         """RQ's (one HSET of the meta: progress, here), and the signal, in one
         round trip."""
         with self.connection.pipeline(transaction=False) as pipe:
-            meta = self._serialize_meta()  # type: ignore[no-untyped-call]
-            pipe.execute_command("HSET", self.key, "meta", meta)
+            meta = self._serialize_meta()
+            pipe.execute_command("HSET", self.key, "meta", meta)  # type: ignore[no-untyped-call]
             signal_change(pipe, self.id)
             pipe.execute()
 
