@@ -32,7 +32,6 @@ from tests.conftest import wait_for
 from tests.processes import drain_queue
 from tests.test_phase2 import start_worker
 
-
 RQ = str(Path(sys.executable).parent / "rq")
 
 
@@ -141,9 +140,7 @@ def test_a_worker_takes_high_then_normal_then_low(
         [echo(0, priority="low"), echo(1), echo(2, priority="high"), echo(3)],
     )["tasks"]
     drain_queue(settings)  # one burst worker, on the three queues in order
-    started = {
-        t["id"]: wait_for(client, t["id"])["started_at"] for t in tasks
-    }
+    started = {t["id"]: wait_for(client, t["id"])["started_at"] for t in tasks}
     order = sorted(started, key=started.__getitem__)
     assert order == [tasks[2]["id"], tasks[1]["id"], tasks[3]["id"], tasks[0]["id"]]
 
