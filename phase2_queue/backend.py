@@ -6,11 +6,9 @@ documentation shows it. Nothing lives in the API process, so a restart loses no
 task, and stock ``rq`` tools and rq-dashboard see every job.
 """
 
-import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -39,6 +37,7 @@ from phase2_queue.jobs import (
     JOB_TIMEOUT,
     TaskJob,
     connect,
+    due_second,
     index_key,
     task_queue,
 )
@@ -70,8 +69,6 @@ WAIT_SLICE = 1.0
 WAIT_THREADS = 64
 
 T = TypeVar("T")
-
-log = logging.getLogger("taskman")
 
 
 class RQBackend:
@@ -361,13 +358,6 @@ def _recent(beat: bytes | None, moment: datetime) -> bool:
     except (UnicodeDecodeError, ValueError):
         return False  # not RQ's stamp: not a worker /health can vouch for
     return (moment - stamp).total_seconds() < LIVE_WORKER_SECONDS
-
-
-def due_second(due: datetime) -> datetime:
-    """RQ's scheduled registry scores a job by its due time in whole seconds,
-    rounded down, and its scheduler moves a job once its score has passed: the
-    next whole second, so that a task never starts before its ``run_at``."""
-    return datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
 
 
 async def _off_the_loop(

@@ -6,7 +6,8 @@ them; two extra fields of the job's hash count attempts and fence the outcome.
 """
 
 import logging
-from datetime import timedelta
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -147,6 +148,13 @@ def priority_of(origin: str | None) -> Priority:
         if origin and origin.endswith(PRIORITY_SUFFIX[priority]):
             return priority
     return Priority.NORMAL
+
+
+def due_second(due: datetime) -> datetime:
+    """RQ's scheduled registry scores a job by its due time in whole seconds,
+    rounded down, and its scheduler moves a job once its score has passed: the
+    next whole second, so that a task never starts before its ``run_at``."""
+    return datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
 
 
 def index_key(settings: Settings) -> str:
