@@ -68,6 +68,8 @@ class TaskCreate(BaseModel):
     delay_seconds: float | None = Field(
         default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False, strict=True
     )
+    # Not strict=True: FastAPI validates the parsed JSON in Python mode, where a
+    # strict datetime refuses every string. _run_at_is_text keeps numbers out.
     run_at: AwareDatetime | None = Field(
         default=None,
         description="ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z",
@@ -76,14 +78,13 @@ class TaskCreate(BaseModel):
     @field_validator("run_at", mode="before")
     @classmethod
     def _run_at_is_text(cls, value: Any) -> Any:
-        # Not strict=True: FastAPI validates the parsed JSON in Python mode, where
-        # a strict datetime refuses every string. Lax, pydantic would take a
-        # number for a Unix time; the contract says ISO-8601 text.
-        if value is not None and not isinstance(value, str | datetime):
-            raise PydanticCustomError(
-                "datetime_type", "Input should be an ISO-8601 date and time"
-            )
-        return value
+        """ISO-8601 text (or a datetime, from Python), never a bare number that
+        lax parsing would read as a Unix time."""
+        if value is None or isinstance(value, str | datetime):
+            return value
+        raise PydanticCustomError(
+            "datetime_type", "run_at should be an ISO-8601 date and time with a zone"
+        )
 
     @model_validator(mode="after")
     def _when_is_one_moment(self) -> Self:
