@@ -31,8 +31,13 @@ from rq.job import JobStatus
 from common.listing import position
 from common.models import Task
 from common.settings import Settings
-from phase2_queue.backend import due_second
-from phase2_queue.jobs import FUNCTIONS, JOB_TIMEOUT, index_key, queue_name
+from phase2_queue.jobs import (
+    FUNCTIONS,
+    JOB_TIMEOUT,
+    due_second,
+    index_key,
+    queue_name,
+)
 from phase3_production.autopipeline import AutoPipeline
 
 # SET NX the idempotency key, then for each job: write its hash, push its id (or
