@@ -82,9 +82,10 @@ class FastRQBackend(RQBackend):
     ) -> tuple[list[Task], bool]:
         # The key covers the batch: its fingerprint is the whole batch's, so a key
         # used for one task and then for a batch (or another batch) is a 409.
-        fingerprint = (
-            BatchCreate(tasks=requests).fingerprint() if idempotency_key else ""
-        )
+        # Built from requests validated already: no validator runs again (~7 ms
+        # for 100 tasks).
+        batch = BatchCreate.model_construct(tasks=requests)
+        fingerprint = batch.fingerprint() if idempotency_key else ""
         return await self._submit_all(requests, fingerprint, idempotency_key)
 
     async def _submit_all(

@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError
 from rq.job import JobStatus
 
 from common.listing import position
-from common.models import Task
+from common.models import Priority, Task
 from common.settings import Settings
 from phase2_queue.jobs import (
     FUNCTIONS,
@@ -102,6 +102,7 @@ class Enqueue:
             "failure_ttl": settings.retention_seconds,
         }
         self._fixed_fields = [item for field in fixed.items() for item in field]
+        self._queue_names = {p: queue_name(settings, p) for p in Priority}
 
     async def __call__(
         self, tasks: Sequence[Task], key: str, record: str
@@ -111,7 +112,7 @@ class Enqueue:
         keys: list[str] = [key, self._index]
         args: list[Any] = [record, self._settings.idempotency_ttl]
         for task in tasks:
-            queue = queue_name(self._settings, task.priority)
+            queue = self._queue_names[task.priority]
             fields = self.job_hash(task)
             due = "" if task.run_at is None else _timestamp(task)
             where = f"rq:queue:{queue}" if due == "" else f"rq:scheduled:{queue}"
@@ -138,7 +139,7 @@ class Enqueue:
         )
         fields = [
             *self._fixed_fields,
-            *("origin", queue_name(self._settings, task.priority)),
+            *("origin", self._queue_names[task.priority]),
             *("data", _compress(call)),
             *("created_at", moment),
             # A fixed, safe description: rq-dashboard renders it unescaped.
@@ -160,10 +161,12 @@ class Enqueue:
 
 def _meta(task: Task) -> str:
     """The job's meta as phase 2 gives it to RQ, in RQ's JSONSerializer's spacing."""
-    meta: dict[str, Any] = {"max_retries": task.max_retries}
-    if task.run_at is not None:
-        meta["run_at"] = task.run_at.isoformat()  # GET reads it back
-    return json.dumps(meta)
+    if task.run_at is None:  # the common case, without json.dumps' ~5 µs
+        return f'{{"max_retries": {task.max_retries}}}'
+    # GET reads run_at back from here.
+    return json.dumps(
+        {"max_retries": task.max_retries, "run_at": task.run_at.isoformat()}
+    )
 
 
 def _timestamp(task: Task) -> int:
