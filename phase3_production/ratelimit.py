@@ -234,9 +234,7 @@ class RateLimit:
         the limit stays exact; the price is that when a short window refuses, the
         longer windows have still counted the request.
         """
-        scripts: Any = (
-            self._storage.bridge
-        )  # limits' redis-py bridge (implementation="redispy")
+        scripts: Any = self._storage.bridge  # limits' redis-py bridge ("redispy")
         acquire, window = scripts.lua_acquire_moving_window, scripts.lua_moving_window
         now = time.time()
         commands: list[tuple[Any, ...]] = []
@@ -354,6 +352,7 @@ def _policies(kind: Kind, items: list[RateLimitItem]) -> list[Policy]:
     ]
 
 
+# A batch is one submit request, whatever its size (its tasks are bounded).
 SUBMIT_PATHS = ("/tasks", "/tasks/batch")
 
 
@@ -362,7 +361,6 @@ def _kind(scope: Scope) -> Kind | None:
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    # A batch is one submit request, whatever its size (its tasks are bounded).
     if path.rstrip("/") in SUBMIT_PATHS and scope["method"] == "POST":
         return "submit"
     if path == "/tasks" or path.startswith("/tasks/"):
