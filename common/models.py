@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -67,11 +68,23 @@ class TaskCreate(BaseModel):
     delay_seconds: float | None = Field(
         default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False, strict=True
     )
+    # Not strict=True: FastAPI validates the parsed JSON in Python mode, where a
+    # strict datetime refuses every string. _run_at_is_text keeps numbers out.
     run_at: AwareDatetime | None = Field(
         default=None,
-        strict=True,
         description="ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z",
     )
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _run_at_is_text(cls, value: Any) -> Any:
+        """ISO-8601 text (or a datetime, from Python), never a bare number that
+        lax parsing would read as a Unix time."""
+        if value is None or isinstance(value, str | datetime):
+            return value
+        raise PydanticCustomError(
+            "datetime_type", "run_at should be an ISO-8601 date and time with a zone"
+        )
 
     @model_validator(mode="after")
     def _when_is_one_moment(self) -> Self:
