@@ -558,8 +558,10 @@ def methods_that_do_not_exist() -> Iterator[Probe]:
     category = "no such method"
     task_id = "0" * 32
     allowed = {
-        "/tasks": {"POST"},
+        "/tasks": {"GET", "POST"},
+        "/tasks/batch": {"POST"},
         f"/tasks/{task_id}": {"GET", "DELETE"},
+        f"/tasks/{task_id}/events": {"GET"},
         "/health": {"GET"},
     }
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]

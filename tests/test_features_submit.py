@@ -56,6 +56,7 @@ def later(**delta: float) -> str:
         ({"run_at": later(hours=25)}, "run_at_too_far"),
         ({"run_at": "2030-01-01T00:00:00"}, "timezone_aware"),
         ({"run_at": "tomorrow"}, None),
+        ({"run_at": 1_800_000_000}, "datetime_type"),
         ({"run_at": later(minutes=5), "delay_seconds": 5}, "delay_and_run_at"),
         ({"delay_seconds": -1}, "greater_than_equal"),
         ({"delay_seconds": 86401}, "less_than_equal"),
