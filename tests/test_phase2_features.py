@@ -291,3 +291,21 @@ def test_a_wait_on_a_task_that_does_not_change_answers_after_its_timeout(
     same = client.get(f"/tasks/{task['id']}", params={"wait": 1.5}).json()
     assert same["status"] == "scheduled"
     assert 1.4 <= time.monotonic() - started < 3
+
+
+def test_health_counts_all_three_queues_and_each_worker_once(
+    client: TestClient, settings: Settings
+) -> None:
+    batch(client, [echo(1, priority="high"), echo(2), echo(3, priority="low")])
+    assert client.get("/health").json()["queued"] == 3
+    worker = start_worker(settings)
+    try:
+        deadline = time.monotonic() + 20
+        while client.get("/health").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = client.get("/health").json()
+        # One worker, in the worker set of each of the three queues: counted once.
+        assert (health["queued"], health["workers"]) == (0, 1), health
+    finally:
+        worker.kill()
+        worker.wait()
