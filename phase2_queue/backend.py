@@ -9,6 +9,7 @@ task, and stock ``rq`` tools and rq-dashboard see every job.
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import groupby
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -120,19 +121,22 @@ class RQBackend:
         fingerprint = BatchCreate.model_construct(tasks=requests).fingerprint()
 
         def enqueue(pipe: Any) -> list[Task]:
-            jobs: dict[str, TaskJob] = {}
-            for priority, queue in self._queues.items():
-                now_ = [t for t in tasks if t.priority is priority and not t.run_at]
-                if now_:  # RQ's batch enqueue, into the caller's transaction
-                    datas = [Queue.prepare_data(**self._job_data(t)) for t in now_]
-                    for job in queue.enqueue_many(datas, pipeline=pipe):
-                        jobs[job.id] = cast(TaskJob, job)
-            for task in tasks:
-                if task.run_at is not None:  # enqueue_at takes the pipeline too
-                    jobs[task.id] = self._enqueue(task, pipe, index=False)
-            for job in jobs.values():
-                pipe.zadd(self._index, {position(job.id, job.created_at): 0})
-            return [to_task(jobs[t.id], None) for t in tasks]
+            jobs: list[TaskJob] = []
+            # In the order sent, so that the jobs' creation times (the list's
+            # order) follow it: each run of tasks for one queue is one RQ batch
+            # enqueue, into the caller's transaction; enqueue_at takes it too.
+            for (priority, due), run in groupby(
+                tasks, lambda t: (t.priority, t.run_at)
+            ):
+                if due is not None:
+                    jobs += [self._enqueue(task, pipe, index=False) for task in run]
+                    continue
+                datas = [Queue.prepare_data(**self._job_data(task)) for task in run]
+                enqueued = self._queues[priority].enqueue_many(datas, pipeline=pipe)
+                jobs += [cast(TaskJob, job) for job in enqueued]
+            entries = {position(job.id, job.created_at): 0 for job in jobs}
+            pipe.zadd(self._index, entries)
+            return [to_task(job, None) for job in jobs]
 
         return self._in_one_transaction(enqueue, fingerprint, idempotency_key)
 

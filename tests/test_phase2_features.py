@@ -192,9 +192,13 @@ def test_a_batch_is_one_multi_exec_with_its_index_and_key(
     assert response.status_code == 202, response.text
     counted = calls(connection)
     assert counted["multi"] == counted["exec"] == 1, counted
-    assert counted["zadd"] >= 100  # the index, and the scheduled registry
+    assert counted["zadd"] == 2  # the index (all 100), the scheduled registry
     assert connection.zcard(index_key(settings)) == 100
     assert connection.exists("taskman:idempotency:b1")
+    # Enqueued in the order sent, whatever the queues: the list shows it newest first.
+    sent = [task["id"] for task in response.json()["tasks"]]
+    listed = client.get("/tasks", params={"limit": 100}).json()["tasks"]
+    assert [task["id"] for task in listed] == sent[::-1]
 
 
 def test_a_batch_redis_refuses_is_not_half_queued(
