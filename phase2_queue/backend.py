@@ -61,12 +61,15 @@ __all__ = [
     "unavailable_when_redis_is_down",
 ]
 
-# Waits run a second at a time (so that a change that writes no result is seen
-# within it), each on a thread of their own limiter (see RQBackend.__init__):
-# up to this many block at once; more take turns. redis-py's pool opens a
-# connection for each (it has no ceiling), and its read timeout (jobs.py,
-# SOCKET_TIMEOUT) outlasts the block.
-WAIT_SLICE = 1.0
+# A wait blocks on RQ's results stream, which only an attempt's end writes, in
+# slices of WAIT_SLICE: a change that writes no result (a start, progress, a
+# cancel) shows at the end of its slice. A quarter second: progress comes at most
+# every 0.2 s (common/context.py), and a waiter costs four reads a second at most
+# (phase 3 wakes on a stream of its own instead). Each slice runs on a thread of
+# the waits' own limiter (RQBackend.__init__): up to this many block at once;
+# more take turns. redis-py's pool opens a connection for each (it has no
+# ceiling), and its read timeout (jobs.py, SOCKET_TIMEOUT) outlasts the block.
+WAIT_SLICE = 0.25
 WAIT_THREADS = 64
 
 T = TypeVar("T")
@@ -85,7 +88,7 @@ class RQBackend:
         self._queues = {p: task_queue(settings, self._redis, p) for p in Priority}
         self._queue = self._queues[Priority.NORMAL]
         self._index = index_key(settings)
-        # A wait holds a thread (and a connection) for up to a second at a time:
+        # A wait holds a thread (and a connection) for a slice at a time:
         # waits take turns on threads of their own, so that many clients waiting
         # never starve GET and POST of anyio's default 40.
         self._waits = anyio.CapacityLimiter(WAIT_THREADS)
@@ -246,8 +249,8 @@ class RQBackend:
         self, task_id: str, timeout: float, seen: Task | None = None
     ) -> Task | None:
         """Blocks on RQ's results stream, as ``Result.fetch_latest(timeout=)``
-        does, a second at a time: a change that writes no result (an attempt's
-        start, progress, a cancel) is seen within that second."""
+        does, a slice (WAIT_SLICE) at a time: a change that writes no result (an
+        attempt's start, progress, a cancel) is seen at the end of its slice."""
         deadline = anyio.current_time() + timeout
         task, entry = await _off_the_loop(self._read, task_id, limiter=self._waits)
         while task is not None and not task.status.finished and task == seen:
