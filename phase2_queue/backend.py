@@ -42,7 +42,7 @@ from phase2_queue.jobs import (
     index_key,
     task_queue,
 )
-from phase2_queue.listing import read_page
+from phase2_queue.listing import read_page, read_tasks
 from phase2_queue.reading import (
     STATUSES,
     UNREADABLE,
@@ -217,9 +217,9 @@ class RQBackend:
         earlier, *task_ids = record.decode().split(" ")
         if earlier != fingerprint:
             raise IdempotencyConflict("Idempotency-Key was used with another body")
-        tasks = [self._get(task_id) for task_id in task_ids]
-        if any(task is None for task in tasks):
-            return None  # expired: the key starts afresh
+        tasks = read_tasks(self._redis, task_ids)  # one round trip for a batch
+        if not all(isinstance(task, Task) for task in tasks):
+            return None  # one has expired: the key starts afresh
         return cast(list[Task], tasks)
 
     async def get(self, task_id: str) -> Task | None:

@@ -320,3 +320,19 @@ def test_health_counts_all_three_queues_and_each_worker_once(
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_batch_key_whose_tasks_expired_starts_afresh(
+    client: TestClient, connection: redis.Redis
+) -> None:
+    body = {"tasks": [echo(1), echo(2, priority="low")]}
+    key = {"Idempotency-Key": "again"}
+    first = client.post("/tasks/batch", json=body, headers=key)
+    repeat = client.post("/tasks/batch", json=body, headers=key)
+    assert (first.status_code, repeat.status_code) == (202, 200)
+    assert repeat.json() == first.json()
+    connection.delete(f"rq:job:{first.json()['tasks'][1]['id']}")  # as its TTL would
+    fresh = client.post("/tasks/batch", json=body, headers=key)
+    assert fresh.status_code == 202, fresh.text
+    old = {task["id"] for task in first.json()["tasks"]}
+    assert not old & {task["id"] for task in fresh.json()["tasks"]}
