@@ -9,6 +9,7 @@ task, and stock ``rq`` tools and rq-dashboard see every job.
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import groupby
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -41,7 +42,7 @@ from phase2_queue.jobs import (
     index_key,
     task_queue,
 )
-from phase2_queue.listing import read_page
+from phase2_queue.listing import read_page, read_tasks
 from phase2_queue.reading import (
     STATUSES,
     UNREADABLE,
@@ -60,12 +61,15 @@ __all__ = [
     "unavailable_when_redis_is_down",
 ]
 
-# Waits run a second at a time (so that a change that writes no result is seen
-# within it), each on a thread of their own limiter (see RQBackend.__init__):
-# up to this many block at once; more take turns. redis-py's pool opens a
-# connection for each (it has no ceiling), and its read timeout (jobs.py,
-# SOCKET_TIMEOUT) outlasts the block.
-WAIT_SLICE = 1.0
+# A wait blocks on RQ's results stream, which only an attempt's end writes, in
+# slices of WAIT_SLICE: a change that writes no result (a start, progress, a
+# cancel) shows at the end of its slice. A quarter second: progress comes at most
+# every 0.2 s (common/context.py), and a waiter costs four reads a second at most
+# (phase 3 wakes on a stream of its own instead). Each slice runs on a thread of
+# the waits' own limiter (RQBackend.__init__): up to this many block at once;
+# more take turns. redis-py's pool opens a connection for each (it has no
+# ceiling), and its read timeout (jobs.py, SOCKET_TIMEOUT) outlasts the block.
+WAIT_SLICE = 0.25
 WAIT_THREADS = 64
 
 T = TypeVar("T")
@@ -84,7 +88,7 @@ class RQBackend:
         self._queues = {p: task_queue(settings, self._redis, p) for p in Priority}
         self._queue = self._queues[Priority.NORMAL]
         self._index = index_key(settings)
-        # A wait holds a thread (and a connection) for up to a second at a time:
+        # A wait holds a thread (and a connection) for a slice at a time:
         # waits take turns on threads of their own, so that many clients waiting
         # never starve GET and POST of anyio's default 40.
         self._waits = anyio.CapacityLimiter(WAIT_THREADS)
@@ -120,19 +124,22 @@ class RQBackend:
         fingerprint = BatchCreate.model_construct(tasks=requests).fingerprint()
 
         def enqueue(pipe: Any) -> list[Task]:
-            jobs: dict[str, TaskJob] = {}
-            for priority, queue in self._queues.items():
-                now_ = [t for t in tasks if t.priority is priority and not t.run_at]
-                if now_:  # RQ's batch enqueue, into the caller's transaction
-                    datas = [Queue.prepare_data(**self._job_data(t)) for t in now_]
-                    for job in queue.enqueue_many(datas, pipeline=pipe):
-                        jobs[job.id] = cast(TaskJob, job)
-            for task in tasks:
-                if task.run_at is not None:  # enqueue_at takes the pipeline too
-                    jobs[task.id] = self._enqueue(task, pipe, index=False)
-            for job in jobs.values():
-                pipe.zadd(self._index, {position(job.id, job.created_at): 0})
-            return [to_task(jobs[t.id], None) for t in tasks]
+            jobs: list[TaskJob] = []
+            # In the order sent, so that the jobs' creation times (the list's
+            # order) follow it: each run of tasks for one queue is one RQ batch
+            # enqueue, into the caller's transaction; enqueue_at takes it too.
+            for (priority, due), run in groupby(
+                tasks, lambda t: (t.priority, t.run_at)
+            ):
+                if due is not None:
+                    jobs += [self._enqueue(task, pipe, index=False) for task in run]
+                    continue
+                datas = [Queue.prepare_data(**self._job_data(task)) for task in run]
+                enqueued = self._queues[priority].enqueue_many(datas, pipeline=pipe)
+                jobs += [cast(TaskJob, job) for job in enqueued]
+            entries = {position(job.id, job.created_at): 0 for job in jobs}
+            pipe.zadd(self._index, entries)
+            return [to_task(job, None) for job in jobs]
 
         return self._in_one_transaction(enqueue, fingerprint, idempotency_key)
 
@@ -210,9 +217,9 @@ class RQBackend:
         earlier, *task_ids = record.decode().split(" ")
         if earlier != fingerprint:
             raise IdempotencyConflict("Idempotency-Key was used with another body")
-        tasks = [self._get(task_id) for task_id in task_ids]
-        if any(task is None for task in tasks):
-            return None  # expired: the key starts afresh
+        tasks = read_tasks(self._redis, task_ids)  # one round trip for a batch
+        if not all(isinstance(task, Task) for task in tasks):
+            return None  # one has expired: the key starts afresh
         return cast(list[Task], tasks)
 
     async def get(self, task_id: str) -> Task | None:
@@ -242,8 +249,8 @@ class RQBackend:
         self, task_id: str, timeout: float, seen: Task | None = None
     ) -> Task | None:
         """Blocks on RQ's results stream, as ``Result.fetch_latest(timeout=)``
-        does, a second at a time: a change that writes no result (an attempt's
-        start, progress, a cancel) is seen within that second."""
+        does, a slice (WAIT_SLICE) at a time: a change that writes no result (an
+        attempt's start, progress, a cancel) is seen at the end of its slice."""
         deadline = anyio.current_time() + timeout
         task, entry = await _off_the_loop(self._read, task_id, limiter=self._waits)
         while task is not None and not task.status.finished and task == seen:
