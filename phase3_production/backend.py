@@ -24,7 +24,6 @@ from common.models import BatchCreate, Task, TaskCreate, TaskPage, new_task
 from common.settings import Settings
 from phase2_queue.backend import (
     UNREADABLE,
-    WAIT_SLICE,
     RQBackend,
     end_registry,
     live_workers,
@@ -38,6 +37,11 @@ from phase3_production.enqueue import Enqueue
 from phase3_production.redis_client import connect_async
 from phase3_production.worker import changes_key, signal_commands
 
+# A wait blocks this long at a time, then reads the job again. Phase 2 wakes
+# four times a second to catch progress and starts, which write no result; here
+# the change stream (worker.py) wakes a wait on those, so a slice only bounds
+# what a worker of phase 2 on these queues (which signals nothing) shows late.
+WAIT_SLICE = 1.0
 # Waits blocked at once, each on a connection of its own (a blocking XREAD holds
 # its connection). Past this, a wait queues for a free connection, still within
 # its own timeout; the requests' pool is never touched.
