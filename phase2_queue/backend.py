@@ -6,60 +6,74 @@ documentation shows it. Nothing lives in the API process, so a restart loses no
 task, and stock ``rq`` tools and rq-dashboard see every job.
 """
 
-import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
+from itertools import groupby
 from typing import Any, TypeVar, cast
 
 import anyio
 import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
-from rq import Retry
-from rq.defaults import DEFAULT_FAILURE_TTL
-from rq.exceptions import DeserializationError, NoSuchJobError
-from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat, utcparse
 
 from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
-from common.models import Task, TaskCreate, TaskStatus, new_task
+from common.listing import TaskQuery, position
+from common.models import (
+    BatchCreate,
+    Priority,
+    Task,
+    TaskCreate,
+    TaskPage,
+    TaskStatus,
+    new_task,
+)
 from common.settings import Settings
-from common.tasks import describe_traceback
 from phase2_queue.jobs import (
     FUNCTIONS,
     JOB_TIMEOUT,
-    TYPES,
     TaskJob,
     connect,
+    due_second,
+    index_key,
     task_queue,
+)
+from phase2_queue.listing import read_page, read_tasks
+from phase2_queue.reading import (
+    STATUSES,
+    UNREADABLE,
+    end_registry,
+    not_a_task,
+    to_task,
 )
 from phase2_queue.replicas import replicated
 
-STATUSES = {
-    JobStatus.QUEUED: TaskStatus.QUEUED,
-    JobStatus.DEFERRED: TaskStatus.QUEUED,
-    JobStatus.SCHEDULED: TaskStatus.RETRYING,  # only retries are scheduled here
-    JobStatus.STARTED: TaskStatus.RUNNING,
-    JobStatus.FINISHED: TaskStatus.SUCCEEDED,
-    JobStatus.FAILED: TaskStatus.FAILED,
-    JobStatus.STOPPED: TaskStatus.FAILED,
-    JobStatus.CANCELED: TaskStatus.CANCELED,
-}
+__all__ = [
+    "UNREADABLE",
+    "RQBackend",
+    "end_registry",
+    "live_workers",
+    "not_a_task",
+    "to_task",
+    "unavailable_when_redis_is_down",
+]
+
+# A wait blocks on RQ's results stream, which only an attempt's end writes, in
+# slices of WAIT_SLICE: a change that writes no result (a start, progress, a
+# cancel) shows at the end of its slice. A quarter second: progress comes at most
+# every 0.2 s (common/context.py), and a waiter costs four reads a second at most
+# (phase 3 wakes on a stream of its own instead). Each slice runs on a thread of
+# the waits' own limiter (RQBackend.__init__): up to this many block at once;
+# more take turns. redis-py's pool opens a connection for each (it has no
+# ceiling), and its read timeout (jobs.py, SOCKET_TIMEOUT) outlasts the block.
+WAIT_SLICE = 0.25
+WAIT_THREADS = 64
 
 T = TypeVar("T")
-
-log = logging.getLogger("taskman")
-
-# What reading a job that another client wrote (or damaged) can raise: RQ's
-# DeserializationError for data no JSON decoder reads; ValueError (pydantic's
-# ValidationError is one) or TypeError and the like for a field of the wrong
-# shape (a date that is not a date, a payload that is not an object). Such a job
-# is not one of our tasks: 404, never a 500.
-UNREADABLE = (DeserializationError, ValueError, TypeError, AttributeError, KeyError)
 
 
 class RQBackend:
@@ -71,7 +85,14 @@ class RQBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._redis = connect(settings)
-        self._queue = task_queue(settings, self._redis)
+        # One RQ queue per priority (jobs.py); workers take high, normal, low.
+        self._queues = {p: task_queue(settings, self._redis, p) for p in Priority}
+        self._queue = self._queues[Priority.NORMAL]
+        self._index = index_key(settings)
+        # A wait holds a thread (and a connection) for a slice at a time:
+        # waits take turns on threads of their own, so that many clients waiting
+        # never starve GET and POST of anyio's default 40.
+        self._waits = anyio.CapacityLimiter(WAIT_THREADS)
 
     async def submit(
         self, request: TaskCreate, idempotency_key: str | None = None
@@ -90,56 +111,142 @@ class RQBackend:
         self, request: TaskCreate, idempotency_key: str | None
     ) -> tuple[Task, bool]:
         task = new_task(request, self._settings.max_retries)
+
+        def enqueue(pipe: Any) -> list[Task]:
+            return [to_task(self._enqueue(task, pipe), None)]
+
+        tasks, created = self._in_one_transaction(
+            enqueue, request.fingerprint(), idempotency_key
+        )
+        return tasks[0], created
+
+    async def submit_many(
+        self, requests: list[TaskCreate], idempotency_key: str | None = None
+    ) -> tuple[list[Task], bool]:
+        return await _off_the_loop(
+            replicated,
+            self._settings,
+            self._redis,
+            self._submit_many,
+            requests,
+            idempotency_key,
+        )
+
+    def _submit_many(
+        self, requests: list[TaskCreate], idempotency_key: str | None
+    ) -> tuple[list[Task], bool]:
+        tasks = [new_task(r, self._settings.max_retries) for r in requests]
+        # Built from requests already validated: no validator runs again.
+        fingerprint = BatchCreate.model_construct(tasks=requests).fingerprint()
+
+        def enqueue(pipe: Any) -> list[Task]:
+            jobs: list[TaskJob] = []
+            # In the order sent, so that the jobs' creation times (the list's
+            # order) follow it: each run of tasks for one queue is one RQ batch
+            # enqueue, into the caller's transaction; enqueue_at takes it too.
+            for (priority, due), run in groupby(
+                tasks, lambda t: (t.priority, t.run_at)
+            ):
+                if due is not None:
+                    jobs += [self._enqueue(task, pipe, index=False) for task in run]
+                    continue
+                datas = [Queue.prepare_data(**self._job_data(task)) for task in run]
+                enqueued = self._queues[priority].enqueue_many(datas, pipeline=pipe)
+                jobs += [cast(TaskJob, job) for job in enqueued]
+            entries = {position(job.id, job.created_at): 0 for job in jobs}
+            pipe.zadd(self._index, entries)
+            return [to_task(job, None) for job in jobs]
+
+        return self._in_one_transaction(enqueue, fingerprint, idempotency_key)
+
+    def _in_one_transaction(
+        self,
+        enqueue: Callable[[Any], list[Task]],
+        fingerprint: str,
+        idempotency_key: str | None,
+    ) -> tuple[list[Task], bool]:
+        """``enqueue(pipe)``'s jobs, their index entries and the idempotency key's
+        record, in one MULTI/EXEC: all of them land, or none. With a key, it is
+        watched: if another request takes it meanwhile, redis-py goes again, and
+        this time finds its tasks."""
         if idempotency_key is None:
-            return to_task(self._enqueue(task), None), True
-        # The key and the job go in one transaction (MULTI/EXEC), watched: if
-        # another request takes the key meanwhile, redis-py goes again, and this
-        # time finds its task.
+            with self._redis.pipeline() as pipe:
+                tasks = enqueue(pipe)
+                pipe.execute()
+            return tasks, True
         key = f"taskman:idempotency:{idempotency_key}"
 
-        def once(pipe: Any) -> tuple[Task, bool]:
-            earlier = self._repeat(pipe.get(key), request)
+        def once(pipe: Any) -> tuple[list[Task], bool]:
+            earlier = self._repeat(pipe.get(key), fingerprint)
             if earlier is not None:
                 return earlier, False
             pipe.multi()
-            record = f"{request.fingerprint()} {task.id}"
+            tasks = enqueue(pipe)
+            record = " ".join([fingerprint, *(task.id for task in tasks)])
             pipe.set(key, record, ex=self._settings.idempotency_ttl)
-            return to_task(self._enqueue(task, pipeline=pipe), None), True
+            return tasks, True
 
         return _transaction(self._redis, once, key)
 
-    def _enqueue(self, task: Task, pipeline: Any = None) -> TaskJob:
+    def _job_data(self, task: Task) -> dict[str, Any]:
+        """The arguments of RQ's ``Queue.prepare_data()`` for a task's job."""
         retries = task.max_retries
         delays = [self._settings.retry_delay(n) for n in range(1, retries + 1)]
-        job = self._queue.enqueue(
-            FUNCTIONS[task.type],  # a dotted path: the worker imports it
-            kwargs=task.payload,  # explicit, so no payload field is taken for an option
-            job_id=task.id,
-            meta={"max_retries": retries},
-            # RQ types the intervals as int; it stores and waits floats just as well.
-            retry=Retry(max=retries, interval=delays) if retries else None,  # type: ignore[arg-type]
-            job_timeout=JOB_TIMEOUT,
-            result_ttl=self._settings.retention_seconds,
-            failure_ttl=self._settings.retention_seconds,
+        meta: dict[str, Any] = {"max_retries": retries}
+        if task.run_at is not None:
+            meta["run_at"] = task.run_at.isoformat()  # GET reads it from the job
+        return {
+            "func": FUNCTIONS[task.type],  # a dotted path: the worker imports it
+            "kwargs": task.payload,  # explicit, so no payload field is an option
+            "job_id": task.id,
+            "meta": meta,
+            # RQ types the intervals as int; it stores and waits floats as well.
+            "retry": Retry(max=retries, interval=delays) if retries else None,  # type: ignore[arg-type]
+            "timeout": JOB_TIMEOUT,
+            "result_ttl": self._settings.retention_seconds,
+            "failure_ttl": self._settings.retention_seconds,
             # A fixed, safe description: rq-dashboard renders it unescaped.
-            description=f"taskman {task.type} task",
-            pipeline=pipeline,
-        )
+            "description": f"taskman {task.type} task",
+        }
+
+    def _enqueue(self, task: Task, pipeline: Any, index: bool = True) -> TaskJob:
+        """``enqueue`` (or ``enqueue_at``, for a due time) in ``pipeline``, with
+        the task's entry in the index (see listing.py)."""
+        options = self._job_data(task)
+        function = options.pop("func")
+        options["job_timeout"] = options.pop("timeout")  # enqueue's name for it
+        queue = self._queues[task.priority]
+        if task.run_at is None:
+            job = queue.enqueue(function, **options, pipeline=pipeline)
+        else:
+            job = queue.enqueue_at(
+                due_second(task.run_at), function, **options, pipeline=pipeline
+            )
+        if index:
+            pipeline.zadd(self._index, {position(job.id, job.created_at): 0})
         return cast(TaskJob, job)  # the queue's job_class
 
-    def _repeat(self, record: Any, request: TaskCreate) -> Task | None:
-        """The task an earlier request with this key created, if it still exists."""
+    def _repeat(self, record: Any, fingerprint: str) -> list[Task] | None:
+        """The tasks an earlier request with this key created, if all still exist."""
         if record is None:
             return None
-        fingerprint, task_id = record.decode().split(" ")
-        if fingerprint != request.fingerprint():
+        earlier, *task_ids = record.decode().split(" ")
+        if earlier != fingerprint:
             raise IdempotencyConflict("Idempotency-Key was used with another body")
-        return self._get(task_id)  # expired: the key starts afresh
+        tasks = read_tasks(self._redis, task_ids)  # one round trip for a batch
+        if not all(isinstance(task, Task) for task in tasks):
+            return None  # one has expired: the key starts afresh
+        return cast(list[Task], tasks)
 
     async def get(self, task_id: str) -> Task | None:
         return await _off_the_loop(self._get, task_id)
 
     def _get(self, task_id: str) -> Task | None:
+        return self._read(task_id)[0]
+
+    def _read(self, task_id: str) -> tuple[Task | None, str]:
+        """The task, and the id of the last entry in its results stream ("0-0":
+        none yet), from where a wait blocks."""
         try:
             job = TaskJob.fetch(
                 task_id, connection=self._redis, serializer=JSONSerializer
@@ -147,11 +254,42 @@ class RQBackend:
             latest = job.latest_result()
             registry = end_registry(job, latest)
             ended: Any = self._redis.zscore(registry, task_id) if registry else None
-            return to_task(cast(TaskJob, job), latest, ended)
+            task = to_task(cast(TaskJob, job), latest, ended)
+            return task, latest.id if latest and latest.id else "0-0"
         except NoSuchJobError:
-            return None
+            return None, "0-0"
         except UNREADABLE as error:
-            return not_a_task(task_id, error)
+            return not_a_task(task_id, error), "0-0"
+
+    async def wait(
+        self, task_id: str, timeout: float, seen: Task | None = None
+    ) -> Task | None:
+        """Blocks on RQ's results stream, as ``Result.fetch_latest(timeout=)``
+        does, a slice (WAIT_SLICE) at a time: a change that writes no result (an
+        attempt's start, progress, a cancel) is seen at the end of its slice."""
+        deadline = anyio.current_time() + timeout
+        task, entry = await _off_the_loop(self._read, task_id, limiter=self._waits)
+        while task is not None and not task.status.finished and task == seen:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                break
+            block = min(left, WAIT_SLICE)
+            task, entry = await _off_the_loop(
+                self._next, task_id, entry, block, limiter=self._waits
+            )
+        return task
+
+    def _next(
+        self, task_id: str, entry: str, seconds: float
+    ) -> tuple[Task | None, str]:
+        """The task after a result newer than ``entry`` lands, or ``seconds`` pass."""
+        stream = Result.get_key(task_id)  # type: ignore[no-untyped-call]  # rq:results:{id}
+        # XREAD BLOCK 0 would block for ever: at least a millisecond.
+        self._redis.xread({stream: entry}, count=1, block=max(1, int(seconds * 1000)))
+        return self._read(task_id)
+
+    async def list(self, query: TaskQuery) -> TaskPage:
+        return await _off_the_loop(read_page, self._redis, self._index, query)
 
     async def cancel(self, task_id: str) -> Task | None:
         # The answer comes from the transaction that canceled: a GET after it
@@ -199,11 +337,15 @@ class RQBackend:
         return await _off_the_loop(self._health)
 
     def _health(self) -> dict[str, Any]:
+        queues = self._queues.values()
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.ping()
-            pipe.llen(self._queue.key)
-            pipe.smembers(f"rq:workers:{self._settings.queue_name}")
-            _, queued, workers = pipe.execute()
+            for queue in queues:
+                pipe.llen(queue.key)
+            # A worker is in the worker set of each queue it listens on (all three).
+            pipe.sunion([f"rq:workers:{queue.name}" for queue in queues])
+            _, *lengths, workers = pipe.execute()
+        queued = sum(lengths)
         with self._redis.pipeline(transaction=False) as pipe:
             for worker in workers:  # the members are the workers' keys
                 pipe.hget(worker, "last_heartbeat")
@@ -241,10 +383,12 @@ def _recent(beat: bytes | None, moment: datetime) -> bool:
     return (moment - stamp).total_seconds() < LIVE_WORKER_SECONDS
 
 
-async def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
+async def _off_the_loop(
+    function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
+) -> T:
     """Run a blocking RQ call in a thread, Redis trouble answered as a 503."""
     with unavailable_when_redis_is_down():
-        return await anyio.to_thread.run_sync(function, *args)
+        return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
 
 
 def _transaction(connection: redis.Redis, once: Callable[[Any], T], key: str) -> T:
@@ -252,114 +396,6 @@ def _transaction(connection: redis.Redis, once: Callable[[Any], T], key: str) ->
     the key did not change meanwhile; ``once``'s value (redis-py types it None)."""
     value = connection.transaction(once, key, value_from_callable=True)  # type: ignore[arg-type]
     return cast(T, value)
-
-
-def to_task(
-    job: TaskJob, latest: Result | None, ended_score: float | None = None
-) -> Task:
-    """The task a job is; ``ended_score``: the job's score in ``end_registry()``'s
-    registry, when that names one."""
-    status = STATUSES.get(job.get_status(refresh=False), TaskStatus.QUEUED)
-    if status is TaskStatus.QUEUED and job.attempts:
-        status = TaskStatus.RETRYING  # back in the queue after a failed attempt
-    result = error = None
-    if latest is not None:
-        if latest.type == Result.Type.SUCCESSFUL:
-            result = latest.return_value
-        elif status is not TaskStatus.SUCCEEDED:
-            error = _short_error(latest.exc_string or "", job)
-    return Task(
-        id=job.id,
-        type=TYPES.get(job.func_name or "", job.func_name or "?"),
-        status=status,
-        payload=job.kwargs,
-        result=result,
-        error=error,
-        attempts=job.attempts,
-        max_retries=_max_retries(job.meta),
-        # RQ's dates are aware, in UTC.
-        created_at=job.created_at,
-        started_at=job.started_at if job.attempts else None,
-        finished_at=_finished_at(job, latest, ended_score) if status.finished else None,
-    )
-
-
-def _max_retries(meta: Any) -> int:
-    """Ours is in the job's meta; another client's meta may be anything (RQ reads
-    one it cannot decode, a pickle say, as ``{"unserialized": ...}``)."""
-    value = meta.get("max_retries") if isinstance(meta, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return 0
-
-
-def end_registry(job: Job, latest: Result | None) -> str | None:
-    """The registry whose score dates the end of a finished job that has neither
-    ``ended_at`` nor a result: plain RQ's cancel (``rq`` tools, ``Job.cancel()``)
-    writes neither; None when the job's own fields date it (no read needed)."""
-    if job.ended_at is not None or latest is not None:
-        return None
-    status = job.get_status(refresh=False)
-    if status == JobStatus.CANCELED:
-        return CanceledJobRegistry(job.origin, connection=job.connection).key
-    if status in (JobStatus.FAILED, JobStatus.STOPPED):
-        return str(job.failed_job_registry.key)
-    return None
-
-
-def _finished_at(
-    job: TaskJob, latest: Result | None, ended_score: float | None
-) -> datetime:
-    """When a finished job ended: the best moment RQ recorded, for a finished task
-    always has a ``finished_at``.
-    1. ``ended_at``: what RQ's worker (and our cancel) writes;
-    2. the latest result's ``created_at``: RQ's clean-up of a dead worker's job
-       fails it with a result but no ``ended_at``;
-    3. its score in ``end_registry()``'s registry: the moment of plain RQ's
-       cancel; for the failed registry, the moment plus the failure TTL;
-    4. else its last heartbeat, start, enqueue or creation: a job that another
-       client marked finished by hand, and RQ dated no further.
-    """
-    if job.ended_at is not None:
-        return job.ended_at
-    if latest is not None:
-        return latest.created_at
-    if ended_score is not None:
-        moment = ended_score
-        if job.get_status(refresh=False) != JobStatus.CANCELED:
-            moment -= job.failure_ttl or DEFAULT_FAILURE_TTL
-        if math.isfinite(moment) and 0 < moment < 2**33:  # +inf: a TTL of -1
-            return datetime.fromtimestamp(moment, UTC)
-    return job.last_heartbeat or job.started_at or job.enqueued_at or job.created_at
-
-
-# Job ids already reported unreadable, so that a client polling one does not
-# fill the log; bounded.
-_reported: set[str] = set()
-
-
-def not_a_task(task_id: str, error: Exception) -> Task | None:
-    """A job this API cannot read as a task (``UNREADABLE``): None, the route's
-    404; logged once per job, with what was wrong."""
-    if task_id not in _reported:
-        if len(_reported) > 10_000:
-            _reported.clear()
-        _reported.add(task_id)
-        log.warning(
-            "job %s is not a task this API can read (%s: %s): answered 404",
-            task_id,
-            type(error).__name__,
-            str(error)[:200],
-        )
-    return None
-
-
-def _short_error(exc_string: str, job: TaskJob) -> str:
-    """The exception line of RQ's traceback ("RuntimeError: boom"), never the rest."""
-    if "Traceback" not in exc_string and "AbandonedJobError" in exc_string:
-        # Not a traceback: RQ's note on a job whose worker died.
-        return f"WorkerLost: worker {job.worker_name or '?'} died during the task"
-    return describe_traceback(exc_string)
 
 
 # Redis is up but will not write: out of memory (maxmemory, noeviction), a read-only

@@ -6,7 +6,8 @@ them; two extra fields of the job's hash count attempts and fence the outcome.
 """
 
 import logging
-from datetime import timedelta
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -204,6 +205,21 @@ def queue_names(settings: Settings) -> list[str]:
     return [queue_name(settings, priority) for priority in Priority]
 
 
+def priority_of(origin: str | None) -> Priority:
+    """A job's priority, read back from its origin queue's name (its suffix)."""
+    for priority in (Priority.HIGH, Priority.LOW):
+        if origin and origin.endswith(PRIORITY_SUFFIX[priority]):
+            return priority
+    return Priority.NORMAL
+
+
+def due_second(due: datetime) -> datetime:
+    """RQ's scheduled registry scores a job by its due time in whole seconds,
+    rounded down, and its scheduler moves a job once its score has passed: the
+    next whole second, so that a task never starts before its ``run_at``."""
+    return datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
+
+
 def index_key(settings: Settings) -> str:
     """The sorted set that lists our tasks newest first (common/listing.py): RQ
     keeps its registries by expiry, not by creation, and has no list of all jobs."""
@@ -219,6 +235,11 @@ def task_queue(
         serializer=JSONSerializer,  # never pickle: a job's data is plain JSON
         job_class=TaskJob,
     )
+
+
+def task_queues(settings: Settings, connection: redis.Redis) -> list[Queue]:
+    """The three queues, in the order workers take from them."""
+    return [task_queue(settings, connection, priority) for priority in Priority]
 
 
 def fail_unreadable(queue: Queue, job_id: str, error: Exception, pipe: Any) -> None:

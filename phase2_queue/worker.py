@@ -6,6 +6,8 @@
 4. It recovers a killed worker's job in seconds (recovery.py).
 5. It reports an outcome only for a job still its own: not canceled meanwhile,
    not taken back while this worker was stopped.
+6. It listens on three queues, high, normal and low priority, in that order, and
+   keeps a task's progress in its job's meta.
 """
 
 import logging
@@ -24,7 +26,7 @@ from rq.serializers import JSONSerializer
 
 from common.context import task_context
 from common.settings import Settings
-from phase2_queue.jobs import TaskJob, connect, task_queue
+from phase2_queue.jobs import TaskJob, connect, task_queues
 from phase2_queue.recovery import RecoveringWorker
 from phase2_queue.scheduler import in_scheduler_child
 
@@ -68,8 +70,18 @@ class TaskWorker(RecoveringWorker):
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         assert isinstance(job, TaskJob)
         canceled = queue.canceled_job_registry.key
+
+        def on_progress(done: int, total: int, message: str | None) -> None:
+            # RQ's documented place for what a job reports of itself: its meta.
+            # save_meta() writes the meta field alone (one HSET), so it never
+            # meets the keeper thread's heartbeats, which write other fields.
+            job.meta["progress"] = {"done": done, "total": total, "message": message}
+            job.save_meta()  # type: ignore[no-untyped-call]
+
         # prepare_for_execution (inside perform_job) counts this attempt.
-        with task_context(job.attempts + 1, lambda: self._is_canceled(job, canceled)):
+        with task_context(
+            job.attempts + 1, lambda: self._is_canceled(job, canceled), on_progress
+        ):
             performed: bool = super().perform_job(job, queue, execution)
             return performed
 
@@ -158,7 +170,8 @@ def run_worker(
             # with both gone every task stayed queued (issue 12, item 7).
             connection = connect(settings)
             worker = worker_class(
-                [task_queue(settings, connection)],
+                # high, normal, low: RQ takes from the first that has a job.
+                task_queues(settings, connection),
                 connection=connection,
                 serializer=JSONSerializer,
                 job_class=TaskJob,

@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def backend(settings: Settings) -> TaskBackend:
         rq = FastRQBackend(settings)
-        metrics.track_queue_depth(lambda: rq.queue.count)
+        metrics.track_queue_depth(rq.queue_depth)
         metrics.track_outcomes(lambda: read_outcomes(rq.queue.connection))
         cached = CachedBackend(
             rq,

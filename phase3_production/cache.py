@@ -22,7 +22,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common.backend import BackendUnavailable, TaskBackend
-from common.models import Task, TaskCreate
+from common.listing import TaskQuery
+from common.models import Task, TaskCreate, TaskPage
 from phase2_queue.backend import unavailable_when_redis_is_down
 from phase3_production.autopipeline import AutoPipeline
 
@@ -59,6 +60,11 @@ class CachedBackend:
     ) -> tuple[Task, bool]:
         return await self._inner.submit(request, idempotency_key)
 
+    async def submit_many(
+        self, requests: list[TaskCreate], idempotency_key: str | None = None
+    ) -> tuple[list[Task], bool]:
+        return await self._inner.submit_many(requests, idempotency_key)
+
     async def get(self, task_id: str) -> Task | None:
         local = self._local.get(task_id)
         if local is not None and local[0] > time.monotonic():
@@ -90,6 +96,25 @@ class CachedBackend:
             raise
         finally:
             del self._inflight[task_id]
+
+    async def wait(
+        self, task_id: str, timeout: float, seen: Task | None = None
+    ) -> Task | None:
+        """A finished task cached already is the answer at once (nothing more can
+        happen to it); else the inner backend's wait. What that returns is not
+        stored here: the entry needs the job's state from before the read, and
+        the next GET stores it."""
+        local = self._local.get(task_id)
+        if local is not None and local[0] > time.monotonic():
+            return local[1]
+        cached, _ = await self._from_redis(task_id)
+        if cached is not None:
+            self._remember(cached)
+            return cached
+        return await self._inner.wait(task_id, timeout, seen)
+
+    async def list(self, query: TaskQuery) -> TaskPage:
+        return await self._inner.list(query)
 
     async def cancel(self, task_id: str) -> Task | None:
         await self.invalidate(task_id)

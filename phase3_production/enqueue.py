@@ -1,46 +1,74 @@
-"""Engine room: the enqueue in one round trip, the job hash written directly.
+"""Engine room: the enqueue in one round trip, the job hashes written directly.
 
 Phase 2's ``Queue.enqueue`` builds a Job (``Job.create`` and ``to_dict``: ~50 µs of
 CPU, as much as the rest of a POST), then sends it from a thread; with an
 Idempotency-Key it is WATCH, GET and MULTI/EXEC, three round trips. Here one Lua
-script takes the key, writes the hash RQ would write and pushes the id: all or
-nothing, in one round trip, shared with other requests' (autopipeline.py).
+script takes the key, writes the hashes RQ would write, pushes each id on its
+priority's queue (or, for a due time, adds it to that queue's scheduled registry,
+as ``enqueue_at`` does) and adds it to the index GET /tasks reads: all or nothing,
+in one round trip, shared with other requests' (autopipeline.py). A batch is the
+same one call with every job in it: ``Queue.enqueue_many`` builds a Job per task
+and sends a pipeline of ~4 commands each from a thread.
 
 What it buys (docs/phase3.md, "the engine room"): with the async client and the
-auto-pipeline, POST /tasks costs about half the API CPU of phase 2's. What it
-costs: it writes RQ's private job format by hand. tests/test_engine_room.py holds
-the hash to what phase 2's plain ``enqueue`` writes, field by field, so an RQ
-upgrade that changes the format fails a test, not a job.
+auto-pipeline, POST /tasks costs about half the API CPU of phase 2's, and a batch
+of 100 one script call. What it costs: it writes RQ's private job format by hand.
+tests/test_engine_room.py and tests/test_phase3_features.py hold the hash to what
+phase 2's plain ``enqueue``/``enqueue_at`` write, field by field, queued,
+scheduled and prioritised, so an RQ upgrade that changes the format fails a test,
+not a job.
 """
 
+import json
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic_core import to_json
 from redis.exceptions import NoScriptError
 from rq.job import JobStatus
 
-from common.models import Task
+from common.listing import position
+from common.models import Priority, Task
 from common.settings import Settings
-from phase2_queue.jobs import FUNCTIONS, JOB_TIMEOUT
+from phase2_queue.jobs import (
+    FUNCTIONS,
+    JOB_TIMEOUT,
+    due_second,
+    index_key,
+    queue_name,
+)
 from phase3_production.autopipeline import AutoPipeline
 
-# SET NX the idempotency key, write the job hash, push its id: all or nothing, in
-# one round trip. KEYS: the job's hash, the queue's list, the idempotency key (''
-# for none). ARGV: the job id, the idempotency record and its TTL, then the hash's
-# fields and values, flat. redis-py sends a call again when its connection fails,
-# even if the first one reached Redis: a job that exists is such a repeat, and
-# pushing its id again would run it twice. (Ids are random: a new one never exists.)
+# SET NX the idempotency key, then for each job: write its hash, push its id (or
+# schedule it), index it. KEYS: the idempotency key ('' for none), the index, then
+# per job its hash, where it goes (its queue's list, or that queue's scheduled
+# registry) and its queue's list. ARGV: the idempotency record and its TTL, then
+# per job its id, its index member, its due timestamp ('' for now), the number of
+# its hash's fields and values, and those, flat. redis-py sends a call again when
+# its connection fails, even if the first one reached Redis: a first job that
+# exists is such a repeat (the script is atomic: then they all do), and pushing
+# again would run them twice. (Ids are random: a new one never exists.)
 ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-if KEYS[3] ~= '' then
-  local earlier = redis.call('GET', KEYS[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+if KEYS[1] ~= '' then
+  local earlier = redis.call('GET', KEYS[1])
   if earlier then return earlier end
-  redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('SADD', 'rq:queues', KEYS[2])
+local a = 3
+for k = 3, #KEYS, 3 do
+  local count = tonumber(ARGV[a + 3])
+  redis.call('HSET', KEYS[k], unpack(ARGV, a + 4, a + 3 + count))
+  redis.call('SADD', 'rq:queues', KEYS[k + 2])
+  if ARGV[a + 2] == '' then
+    redis.call('RPUSH', KEYS[k + 1], ARGV[a])
+  else
+    redis.call('ZADD', KEYS[k + 1], ARGV[a + 2], ARGV[a])
+  end
+  redis.call('ZADD', KEYS[2], 0, ARGV[a + 1])
+  a = a + 4 + count
+end
 return false
 """
 
@@ -59,33 +87,39 @@ UNSET_FIELDS = (
 
 
 class Enqueue:
-    """ENQUEUE by its digest, for one queue."""
+    """ENQUEUE by its digest, for our queues."""
 
-    def __init__(self, settings: Settings, queue_name: str, batch: AutoPipeline):
+    def __init__(self, settings: Settings, batch: AutoPipeline):
         self._settings = settings
-        self._queue_key = f"rq:queue:{queue_name}"
+        self._index = index_key(settings)
         self._batch = batch
         self._sha = batch.redis.register_script(ENQUEUE).sha
         # What every job of ours has in common, as Job.to_dict() writes it.
         fixed = {
             **dict.fromkeys(UNSET_FIELDS, ""),
-            "origin": queue_name,
-            "status": JobStatus.QUEUED.value,
             "timeout": JOB_TIMEOUT,
             "result_ttl": settings.retention_seconds,
             "failure_ttl": settings.retention_seconds,
         }
         self._fixed_fields = [item for field in fixed.items() for item in field]
+        self._queue_names = {p: queue_name(settings, p) for p in Priority}
 
-    async def __call__(self, task: Task, key: str, record: str) -> bytes | None:
-        """Queue the task; if ``key`` (an idempotency key's Redis key, or '') is
-        taken already, queue nothing and answer its record."""
-        command = (
-            *("EVALSHA", self._sha, 3),
-            *(f"rq:job:{task.id}", self._queue_key, key),
-            *(task.id, record, self._settings.idempotency_ttl),
-            *self.job_hash(task),
-        )
+    async def __call__(
+        self, tasks: Sequence[Task], key: str, record: str
+    ) -> bytes | None:
+        """Queue the tasks, all or none; if ``key`` (an idempotency key's Redis
+        key, or '') is taken already, queue nothing and answer its record."""
+        keys: list[str] = [key, self._index]
+        args: list[Any] = [record, self._settings.idempotency_ttl]
+        for task in tasks:
+            queue = self._queue_names[task.priority]
+            fields = self.job_hash(task)
+            due = "" if task.run_at is None else _timestamp(task)
+            where = f"rq:queue:{queue}" if due == "" else f"rq:scheduled:{queue}"
+            keys += (f"rq:job:{task.id}", where, f"rq:queue:{queue}")
+            args += (task.id, position(task.id, task.created_at), due, len(fields))
+            args += fields
+        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
         try:
             earlier: bytes | None = await self._batch.execute_write(*command)
         except NoScriptError:  # a Redis that restarted has forgotten the script
@@ -94,8 +128,8 @@ class Enqueue:
         return earlier
 
     def job_hash(self, task: Task) -> list[Any]:
-        """The hash RQ's ``Queue.enqueue`` writes for this job (``Job.to_dict()``),
-        as a flat list of fields and values."""
+        """The hash RQ's ``Queue.enqueue`` (or, for a due time, ``enqueue_at``)
+        writes for this job (``Job.to_dict()``), as a flat list of fields and values."""
         # The call as RQ's JSONSerializer reads it: function, instance, args, kwargs.
         # (pydantic's to_json: the same JSON, less spaces, in a fifth of the time.)
         call = to_json([FUNCTIONS[task.type], None, [], task.payload])
@@ -105,12 +139,17 @@ class Enqueue:
         )
         fields = [
             *self._fixed_fields,
+            *("origin", self._queue_names[task.priority]),
             *("data", _compress(call)),
-            *("created_at", moment, "enqueued_at", moment),
+            *("created_at", moment),
             # A fixed, safe description: rq-dashboard renders it unescaped.
             *("description", f"taskman {task.type} task"),
-            *("meta", f'{{"max_retries": {task.max_retries}}}'),
+            *("meta", _meta(task)),
         ]
+        if task.run_at is None:
+            fields += ("status", JobStatus.QUEUED.value, "enqueued_at", moment)
+        else:  # enqueue_at: not enqueued yet (RQ's scheduler does that when due)
+            fields += ("status", JobStatus.SCHEDULED.value)
         if task.max_retries:
             delays = [
                 self._settings.retry_delay(n) for n in range(1, task.max_retries + 1)
@@ -118,6 +157,24 @@ class Enqueue:
             fields += ("retries_left", task.max_retries)
             fields += ("retry_intervals", to_json(delays))
         return fields
+
+
+def _meta(task: Task) -> str:
+    """The job's meta as phase 2 gives it to RQ, in RQ's JSONSerializer's spacing."""
+    if task.run_at is None:  # the common case, without json.dumps' ~5 µs
+        return f'{{"max_retries": {task.max_retries}}}'
+    # GET reads run_at back from here.
+    return json.dumps(
+        {"max_retries": task.max_retries, "run_at": task.run_at.isoformat()}
+    )
+
+
+def _timestamp(task: Task) -> int:
+    """The due time as phase 2 schedules it (``due_second``: rounded up, so the
+    task never starts early) and RQ's ScheduledJobRegistry scores it: whole
+    seconds."""
+    assert task.run_at is not None
+    return int(due_second(task.run_at).timestamp())
 
 
 def _compress(data: bytes) -> bytes:

@@ -1,7 +1,9 @@
 """Phase 3: the HTTP side of the result cache: ``X-Cache``, ``ETag`` and ``304``.
 
 A polling client that sends back the ETag it got answers itself "nothing changed"
-with a 304 and no body. Pure ASGI: it buffers only task responses, which are small.
+with a 304 and no body. Pure ASGI: it buffers only ``GET /tasks/{id}`` (with or
+without ``?wait``) and ``DELETE /tasks/{id}``, a single small task; every other response, the event stream
+of ``/tasks/{id}/events`` above all, passes through untouched and unbuffered.
 """
 
 import hashlib
@@ -15,6 +17,9 @@ from phase3_production.cache import cache_outcome
 # An entity-tag (RFC 9110 §8.8.3): an optional W/ and a quoted opaque tag, which
 # may itself hold a comma, so a list is not split on commas.
 ENTITY_TAG = re.compile(r'(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")')
+# The one route with an ETag, GET and DELETE /tasks/{id}: a task; not the batch
+# (a POST), the list, nor the event stream (which must reach the client unbuffered).
+TASK_PATH = re.compile(r"/tasks/[^/]+")
 
 
 def none_match(if_none_match: list[str], etag: str) -> bool:
@@ -32,7 +37,11 @@ class HTTPCache:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/tasks/"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("GET", "DELETE")
+            or not TASK_PATH.fullmatch(scope["path"])
+        ):
             return await self.app(scope, receive, send)
         if_none_match = Headers(scope=scope).getlist("if-none-match")
         start: Message | None = None

@@ -19,7 +19,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.backend import TaskBackend
-from common.models import Task, TaskCreate
+from common.listing import TaskQuery
+from common.models import Task, TaskCreate, TaskPage
 from common.tasks import TASKS
 from phase3_production.cache import cache_outcome
 
@@ -146,6 +147,17 @@ class CountedBackend:
             self._metrics.count_task("submitted", task.type)
         return task, created
 
+    async def submit_many(
+        self, requests: list[TaskCreate], idempotency_key: str | None = None
+    ) -> tuple[list[Task], bool]:
+        """Each task of a new batch counts in taskman_tasks_total, as if POSTed
+        alone; an idempotent repeat counts none."""
+        tasks, created = await self._inner.submit_many(requests, idempotency_key)
+        if created:
+            for task in tasks:
+                self._metrics.count_task("submitted", task.type)
+        return tasks, created
+
     async def get(self, task_id: str) -> Task | None:
         cache_outcome.set(None)
         task = await self._inner.get(task_id)
@@ -153,6 +165,14 @@ class CountedBackend:
         if outcome is not None:
             self._metrics.count_cache(outcome == "HIT")
         return task
+
+    async def wait(
+        self, task_id: str, timeout: float, seen: Task | None = None
+    ) -> Task | None:
+        return await self._inner.wait(task_id, timeout, seen)
+
+    async def list(self, query: TaskQuery) -> TaskPage:
+        return await self._inner.list(query)
 
     async def cancel(self, task_id: str) -> Task | None:
         task = await self._inner.cancel(task_id)

@@ -98,8 +98,9 @@ class Verdict:
 class RateLimit:
     """Pure ASGI middleware: ``app.add_middleware(RateLimit, settings=settings)``.
 
-    POST /tasks counts against ``rate_limit_submit``; GET/DELETE /tasks/... against
-    ``rate_limit_read``; every other path (/health, /metrics, /docs, /openapi.json,
+    POST /tasks and POST /tasks/batch (one request, however many tasks) count
+    against ``rate_limit_submit``; GET /tasks, GET/DELETE /tasks/... (the event
+    stream too) against ``rate_limit_read``; every other path (/health, /metrics, /docs, /openapi.json,
     /dashboard) is not limited. It closes its Redis connections when the app's
     lifespan ends (or call :meth:`aclose`).
     """
@@ -242,9 +243,7 @@ class RateLimit:
         the limit stays exact; the price is that when a short window refuses, the
         longer windows have still counted the request.
         """
-        scripts: Any = (
-            self._storage.bridge
-        )  # limits' redis-py bridge (implementation="redispy")
+        scripts: Any = self._storage.bridge  # limits' redis-py bridge ("redispy")
         acquire, window = scripts.lua_acquire_moving_window, scripts.lua_moving_window
         now = time.time()
         commands: list[tuple[Any, ...]] = []
@@ -362,12 +361,16 @@ def _policies(kind: Kind, items: list[RateLimitItem]) -> list[Policy]:
     ]
 
 
+# A batch is one submit request, whatever its size (its tasks are bounded).
+SUBMIT_PATHS = ("/tasks", "/tasks/batch")
+
+
 def _kind(scope: Scope) -> Kind | None:
     path: str = scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    if path.rstrip("/") == "/tasks" and scope["method"] == "POST":
+    if path.rstrip("/") in SUBMIT_PATHS and scope["method"] == "POST":
         return "submit"
     if path == "/tasks" or path.startswith("/tasks/"):
         return "read"

@@ -2,7 +2,9 @@
 outcome counts /metrics reads.
 
 RQ's loop makes ~20 round trips for a no-op job (rq 3.0), and they, not the job,
-set the pace of a worker. The overrides below save 13 of them (measured in docs/phase3.md,
+set the pace of a worker. A start and each progress report also signal a stream
+of ours (FastJob), on which waits wake at once (the start in a pipeline already
+sent; progress in the same round trip as its HSET). The overrides below save 13 of them (measured in docs/phase3.md,
 "the engine room"); the jobs and what `rq info` and rq-dashboard show stay RQ's.
 What they cost: they lean on when RQ calls which method, so an RQ upgrade is
 checked by tests/test_engine_room.py (busy/idle states, `rq suspend`).
@@ -21,17 +23,61 @@ from rq.worker import WorkerStatus
 
 from common.settings import Settings
 from phase2_queue import worker as phase2
-from phase2_queue.jobs import TYPES
+from phase2_queue.jobs import TYPES, TaskJob
 
 # Outcome counters ("succeeded:echo" -> n) for /metrics, written in the same
 # pipelines as RQ's own per-worker counts: no extra round trip.
 OUTCOMES_KEY = "taskman:outcomes"
+# How long a task's change stream outlives its last entry: a wait reads it
+# within a second of each entry.
+CHANGES_TTL = 60
+
+
+def changes_key(task_id: str) -> str:
+    """A stream of ours, one entry whenever an attempt starts or the task reports
+    progress: changes that write nothing to RQ's results stream. A wait blocks on
+    both (backend.py), so it wakes at once, not at the end of its slice."""
+    return f"taskman:changes:{task_id}"
+
+
+def signal_commands(task_id: str) -> tuple[tuple[Any, ...], ...]:
+    """Add a change entry (the last one only is kept) and refresh its expiry."""
+    key = changes_key(task_id)
+    return (
+        ("XADD", key, "MAXLEN", 1, "*", "changed", 1),
+        ("EXPIRE", key, CHANGES_TTL),
+    )
+
+
+def signal_change(pipeline: Any, task_id: str) -> None:
+    """signal_commands(), in ``pipeline``."""
+    for command in signal_commands(task_id):
+        pipeline.execute_command(*command)
+
+
+class FastJob(TaskJob):
+    """Phase 2's job, that signals its start and its progress (see changes_key)."""
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Any) -> None:
+        super().prepare_for_execution(worker_name, pipeline)
+        signal_change(pipeline, self.id)  # same pipeline: no extra round trip
+
+    def save_meta(self) -> None:
+        """RQ's (one HSET of the meta: progress, here), and the signal, in one
+        round trip."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            meta = self._serialize_meta()
+            pipe.execute_command("HSET", self.key, "meta", meta)  # type: ignore[no-untyped-call]
+            signal_change(pipe, self.id)
+            pipe.execute()
 
 
 class FastWorker(phase2.TaskWorker):
     """Phase 2's TaskWorker, trimmed of round trips, counting outcomes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The class RQ builds each dequeued job as (Queue.dequeue_any's job_class).
+        kwargs["job_class"] = FastJob
         super().__init__(*args, **kwargs)
         self._failure = "failed"
         self._task_type = "?"

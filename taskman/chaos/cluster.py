@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from phase2_queue.jobs import PRIORITY_SUFFIX
 from taskman.phases import PHASES
 from taskman.processes import (
     Process,
@@ -33,6 +34,9 @@ from taskman.redis_server import EmbeddedRedis, free_port
 
 PHASE = 3  # the phase under fire
 QUEUE = "taskman"
+# Its three queues (high, normal, low: phase2_queue/jobs.py); every worker listens
+# on all three, so it is in each one's worker set.
+QUEUES = [QUEUE + suffix for suffix in PRIORITY_SUFFIX.values()]
 # What a worker logs when it takes a job off the queue (RQ's own INFO line).
 DEQUEUED = re.compile(r"Worker (\w+): [^:]+: taskman \w+ task \(([0-9a-f]{32})\)")
 
@@ -134,15 +138,16 @@ class Cluster:
         connection = redis.Redis.from_url(self.redis.url)
         try:
             with connection.pipeline(transaction=False) as pipe:
-                pipe.llen(f"rq:queue:{QUEUE}")
-                pipe.llen(f"rq:queue:{QUEUE}:intermediate")
-                pipe.zcard(f"rq:wip:{QUEUE}")
-                pipe.zcard(f"rq:scheduled:{QUEUE}")
+                for queue in QUEUES:
+                    pipe.llen(f"rq:queue:{queue}")
+                    pipe.llen(f"rq:queue:{queue}:intermediate")
+                    pipe.zcard(f"rq:wip:{queue}")
+                    pipe.zcard(f"rq:scheduled:{queue}")
                 counts = pipe.execute()
         finally:
             connection.close()
         names = ("queued", "intermediate", "started", "scheduled")
-        return dict(zip(names, counts, strict=True))
+        return {name: sum(counts[n :: len(names)]) for n, name in enumerate(names)}
 
     def stuck_detail(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Where RQ has each stuck task: its hash fields and the lists it is in."""
@@ -150,14 +155,16 @@ class Cluster:
             return {}
         connection: Any = redis.Redis.from_url(self.redis.url, decode_responses=True)
         try:
-            queued = set(connection.lrange(f"rq:queue:{QUEUE}", 0, -1))
-            intermediate = set(
-                connection.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1)
-            )
-            started = {
-                m.split(":")[0] for m in connection.zrange(f"rq:wip:{QUEUE}", 0, -1)
-            }
-            scheduled = set(connection.zrange(f"rq:scheduled:{QUEUE}", 0, -1))
+            queued, intermediate, started, scheduled = set(), set(), set(), set()
+            for queue in QUEUES:
+                queued |= set(connection.lrange(f"rq:queue:{queue}", 0, -1))
+                intermediate |= set(
+                    connection.lrange(f"rq:queue:{queue}:intermediate", 0, -1)
+                )
+                started |= {
+                    m.split(":")[0] for m in connection.zrange(f"rq:wip:{queue}", 0, -1)
+                }
+                scheduled |= set(connection.zrange(f"rq:scheduled:{queue}", 0, -1))
             detail = {}
             for task_id in ids:
                 fields = connection.hmget(
@@ -195,11 +202,14 @@ async def running_jobs(conn: aioredis.Redis) -> list[str]:
     """Jobs a worker holds right now: started, or dequeued and about to start."""
     try:
         async with conn.pipeline(transaction=False) as pipe:
-            pipe.zrange(f"rq:wip:{QUEUE}", 0, -1)
-            pipe.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1)
-            started, dequeued = await pipe.execute()
+            for queue in QUEUES:
+                pipe.zrange(f"rq:wip:{queue}", 0, -1)
+                pipe.lrange(f"rq:queue:{queue}:intermediate", 0, -1)
+            replies = await pipe.execute()
     except redis.RedisError:
         return []
+    started = [m for reply in replies[0::2] for m in reply]
+    dequeued = [m for reply in replies[1::2] for m in reply]
     return [m.decode().split(":")[0] for m in started] + [m.decode() for m in dequeued]
 
 
