@@ -1,5 +1,8 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both set up .venv first.
+# `make run PHASE=1 PORT=8001` serves another phase, on another port.
 PHASE ?= 3
+HOST ?= 127.0.0.1
+PORT ?= 8000
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +18,7 @@ $(BIN)/taskman: pyproject.toml
 setup: $(BIN)/taskman
 
 run: setup
-	$(BIN)/taskman serve --phase $(PHASE)
+	$(BIN)/taskman serve --phase $(PHASE) --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

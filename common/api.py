@@ -26,6 +26,15 @@ from common.listing import (
     decode_cursor,
 )
 from common.models import BatchCreate, Task, TaskCreate, TaskList, TaskPage, TaskStatus
+from common.openapi import (
+    CANCEL,
+    HEALTH,
+    LIST,
+    LOCATION,
+    READ,
+    SUBMIT,
+    install_docs,
+)
 from common.settings import Settings
 from common.tasks import TASKS
 
@@ -137,7 +146,15 @@ def task_response(
     "/tasks",
     status_code=202,
     response_model=Task,
-    responses={200: {"model": Task, "description": "an idempotent repeat"}},
+    responses={
+        202: {"description": "queued (or scheduled)", "headers": LOCATION},
+        200: {
+            "model": Task,
+            "description": "a repeat of an Idempotency-Key: the first task",
+            "headers": LOCATION,
+        },
+        **SUBMIT,
+    },
     openapi_extra={"parameters": [IDEMPOTENCY_KEY_SCHEMA]},
 )
 async def create_task(body: TaskCreate, request: Request) -> Response:
@@ -152,7 +169,14 @@ async def create_task(body: TaskCreate, request: Request) -> Response:
     "/tasks/batch",
     status_code=202,
     response_model=TaskList,
-    responses={200: {"model": TaskList, "description": "an idempotent repeat"}},
+    responses={
+        202: {"description": "every task queued (or scheduled), in the order sent"},
+        200: {
+            "model": TaskList,
+            "description": "a repeat of an Idempotency-Key: the first tasks",
+        },
+        **SUBMIT,
+    },
     openapi_extra={"parameters": [IDEMPOTENCY_KEY_SCHEMA]},
 )
 async def create_tasks(body: BatchCreate, request: Request) -> Response:
@@ -166,7 +190,7 @@ async def create_tasks(body: BatchCreate, request: Request) -> Response:
     )
 
 
-@router.get("/tasks", response_model=TaskPage)
+@router.get("/tasks", response_model=TaskPage, responses=LIST)
 async def list_tasks(
     request: Request,
     status: TaskStatus | None = None,
@@ -199,6 +223,7 @@ async def list_tasks(
 @router.get(
     "/tasks/{task_id}",
     response_model=Task,
+    responses=READ,
     openapi_extra={"parameters": [WAIT_SCHEMA]},
 )
 async def read_task(task_id: str, request: Request) -> Response:
@@ -222,7 +247,8 @@ async def read_task(task_id: str, request: Request) -> Response:
             "content": {"text/event-stream": {}},
             "description": "Server-Sent Events: one `task` event (the task as JSON) "
             "now and at each change of status or progress; closed once finished.",
-        }
+        },
+        **READ,
     },
 )
 async def task_events(task_id: str, request: Request) -> Response:
@@ -234,7 +260,7 @@ async def task_events(task_id: str, request: Request) -> Response:
     return event_stream(backend, task)
 
 
-@router.delete("/tasks/{task_id}", response_model=Task)
+@router.delete("/tasks/{task_id}", response_model=Task, responses=CANCEL)
 async def cancel_task(task_id: str, request: Request) -> Response:
     """Cancel a queued, retrying or running task."""
     task = (
@@ -247,7 +273,7 @@ async def cancel_task(task_id: str, request: Request) -> Response:
     return task_response(task)
 
 
-@router.get("/health")
+@router.get("/health", responses=HEALTH)
 async def health(request: Request) -> JSONResponse:
     """Is the service, and what it depends on, answering?"""
     phase = request.app.state.phase
@@ -286,7 +312,11 @@ def create_api(phase: int, settings: Settings, backend: BackendFactory) -> FastA
         title=f"taskman, phase {phase}",
         summary="An asynchronous task manager: POST a task, poll for its result.",
         lifespan=lifespan,
+        # Our own /docs and /redoc (install_docs): FastAPI's load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.phase = phase
     app.state.settings = settings
     install_error_handling(app, settings.max_body_bytes)

@@ -5,20 +5,25 @@ import json
 import secrets
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
-from common.tasks import TASKS
+from common.tasks import MAX_TEXT, TASKS
 
 
 class TaskStatus(StrEnum):
@@ -57,7 +62,13 @@ class Progress(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    """A request to run a registered task type on a payload."""
+    """A request to run a registered task type on a payload.
+
+    One model validates every type (its messages are part of the contract, see
+    tests/test_bad_input.py); its JSON schema is the union of one object per type,
+    told apart by ``type``, so a client generated from the OpenAPI document knows
+    each payload and its limits (:func:`_one_object_per_type`).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +85,16 @@ class TaskCreate(BaseModel):
         default=None,
         description="ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z",
     )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(_TASK_UNION.core_schema)
+        schema.update(
+            title=cls.__name__, description=(cls.__doc__ or "").split("\n")[0]
+        )
+        return schema
 
     @field_validator("run_at", mode="before")
     @classmethod
@@ -148,6 +169,51 @@ class TaskCreate(BaseModel):
     def fingerprint(self) -> str:
         """A digest of the request, to tell a true repeat from a reused key."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+# The schema side of TaskCreate: one model a type, used for the JSON schema only.
+SCHEMA_NOTES = {
+    "echo": f"value: any JSON, at most {MAX_TEXT} bytes as UTF-8 JSON",
+    "max_retries": "retries after the first attempt; null: the server's default (3)",
+    "priority": "runners take high first, then normal, then low",
+    "delay_seconds": "run no sooner than this many seconds from now; not with run_at",
+    "run_at": "run no sooner: ISO-8601 with a zone, e.g. 2026-12-03T12:00:00Z, "
+    "from now to 24 hours ahead; not with delay_seconds",
+}
+
+
+def _one_object_per_type(name: str) -> type[BaseModel]:
+    """TaskCreate's fields, with ``type`` this one and ``payload`` its model."""
+    task_type = TASKS[name]
+    options = {
+        field: (
+            info.annotation,
+            FieldInfo.merge_field_infos(info, description=SCHEMA_NOTES[field]),
+        )
+        for field, info in TaskCreate.model_fields.items()
+        if field not in ("type", "payload")
+    }
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{name.capitalize()}Task",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"`{name}`: {(task_type.run.__doc__ or '').strip()}",
+        type=(Literal[name], Field(description="the task type")),
+        payload=(
+            task_type.payload,
+            Field(
+                description=SCHEMA_NOTES.get(name, f"the payload of a `{name}` task")
+            ),
+        ),
+        **options,
+    )
+
+
+_TASK_UNION: TypeAdapter[Any] = TypeAdapter(
+    Annotated[  # type: ignore[arg-type]
+        Union[tuple(_one_object_per_type(name) for name in TASKS)],  # noqa: UP007
+        Field(discriminator="type"),
+    ]
+)
 
 
 class Task(BaseModel):

@@ -11,6 +11,7 @@ from phase3_production.cache import CachedBackend
 from phase3_production.dashboard import mount_dashboard
 from phase3_production.http_cache import HTTPCache
 from phase3_production.metrics import CountedBackend, Metrics, install_metrics
+from phase3_production.openapi import document_layers
 from phase3_production.ratelimit import RateLimit
 from phase3_production.worker import read_outcomes
 
@@ -42,4 +43,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     mount_dashboard(app, settings)
     install_metrics(app, metrics)
+    document_layers(app)
     return app

@@ -9,28 +9,33 @@ import logging
 import os
 import signal
 import sys
-import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 import uvicorn
 from rich.console import Console
 
 from common.settings import Settings
+from taskman.client import ClientError, TaskClient
 from taskman.http import uvicorn_options
 from taskman.phases import LATEST, PHASES, queued
 from taskman.processes import taskman_command
 from taskman.redis_server import EmbeddedRedis
 from taskman.supervisor import Supervisor
+from taskman.views import follow, task_table
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
 console = Console()
 
 Phase = Annotated[int, typer.Option(min=1, max=3, help="Which phase to run.")]
 Url = Annotated[str, typer.Option(envvar="TASKMAN_URL", help="The API to talk to.")]
+Timeout = Annotated[
+    float, typer.Option(min=0.001, help="Seconds to wait for each answer.")
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _module(phase: int) -> str:
@@ -124,36 +129,105 @@ def submit(
     ],
     payload: Annotated[str, typer.Option(help="The payload, as JSON.")] = "{}",
     max_retries: Annotated[int | None, typer.Option()] = None,
-    wait: Annotated[bool, typer.Option(help="Poll until the task finishes.")] = False,
-    url: Url = "http://127.0.0.1:8000",
+    priority: Annotated[
+        str | None, typer.Option(help="high, normal (the default) or low.")
+    ] = None,
+    delay: Annotated[
+        float | None, typer.Option(help="Seconds to wait before it may run.")
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Show its progress until it finishes; exit 1 if it failed or "
+            "was canceled."
+        ),
+    ] = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 10.0,
 ) -> None:
-    """Submit a task and print it."""
+    """Submit a task and print it (with --wait: once it has finished)."""
     try:
         body: dict[str, Any] = {"type": type, "payload": json.loads(payload)}
     except json.JSONDecodeError as error:
         raise typer.BadParameter(f"not JSON: {error}", param_hint="--payload") from None
-    if max_retries is not None:
-        body["max_retries"] = max_retries
-    with httpx.Client(base_url=url, timeout=10) as client:
-        task = _answer(client.post("/tasks", json=body))
-        while wait and task["status"] not in ("succeeded", "failed", "canceled"):
-            time.sleep(0.1)
-            task = _answer(client.get(f"/tasks/{task['id']}"))
-    console.print_json(data=task)
+    options = {"max_retries": max_retries, "priority": priority, "delay_seconds": delay}
+    body.update({name: value for name, value in options.items() if value is not None})
+    with _client(url, timeout) as client:
+        task = client.submit(body)
+        if wait:
+            task = follow(client, task["id"])
+    _print_task(task, wait)
 
 
 @app.command()
-def status(task_id: str, url: Url = "http://127.0.0.1:8000") -> None:
+def status(task_id: str, url: Url = DEFAULT_URL, timeout: Timeout = 10.0) -> None:
     """Print a task."""
-    with httpx.Client(base_url=url, timeout=10) as client:
-        console.print_json(data=_answer(client.get(f"/tasks/{task_id}")))
+    with _client(url, timeout) as client:
+        console.print_json(data=client.get(task_id))
 
 
-def _answer(response: httpx.Response) -> Any:
-    if response.is_error:
-        console.print(f"[red]{response.status_code}[/red] {response.text}")
+@app.command("list")
+def list_tasks(
+    status: Annotated[
+        str | None, typer.Option(help="Only tasks in this status, e.g. failed.")
+    ] = None,
+    type: Annotated[  # noqa: A002
+        str | None, typer.Option(help="Only tasks of this type, e.g. primes.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, help="Tasks per page (the API's limit).")
+    ] = 50,
+    cursor: Annotated[
+        str | None, typer.Option(help="Start at this page (a next_cursor).")
+    ] = None,
+    all_pages: Annotated[
+        bool, typer.Option("--all", help="Follow next_cursor to the last page.")
+    ] = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 10.0,
+) -> None:
+    """List tasks, newest first, as a table."""
+    with _client(url, timeout) as client:
+        tasks, cursor = client.tasks(status, type, limit, cursor, all_pages)
+    console.print(task_table(tasks))
+    if cursor is not None:
+        console.print(
+            f"[dim]more: taskman list --cursor {cursor}[/dim]", soft_wrap=True
+        )
+
+
+@app.command()
+def cancel(task_id: str, url: Url = DEFAULT_URL, timeout: Timeout = 10.0) -> None:
+    """Cancel a scheduled, queued, running or retrying task; print it."""
+    with _client(url, timeout) as client:
+        console.print_json(data=client.cancel(task_id))
+
+
+@app.command()
+def watch(task_id: str, url: Url = DEFAULT_URL, timeout: Timeout = 10.0) -> None:
+    """Follow a task to its end (a progress bar, from its event stream); exit 1 if
+    it failed or was canceled."""
+    with _client(url, timeout) as client:
+        task = follow(client, task_id)
+    _print_task(task, True)
+
+
+def _print_task(task: dict[str, Any], finished: bool) -> None:
+    console.print_json(data=task)
+    if finished and task["status"] != "succeeded":
         raise typer.Exit(1)
-    return response.json()
+
+
+@contextmanager
+def _client(url: str, timeout: float) -> Iterator[TaskClient]:
+    """A client of the API at ``url``; whatever goes wrong talking to it is one
+    line on stderr and exit 2, never a traceback."""
+    try:
+        with TaskClient(url, timeout) as client:
+            yield client
+    except ClientError as error:
+        typer.echo(f"taskman: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -171,10 +245,25 @@ def bench(
     figures: Annotated[
         str, typer.Option(help="Comma-separated: http, durability, workers, loop.")
     ] = "http,durability,workers,loop",
+    rtt: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: worker jobs/s and POST latency at 0, 1 and 5 ms of "
+            "round trip to Redis, on hosts of their own (network namespaces; root)."
+        ),
+    ] = False,
 ) -> None:
     """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
     from taskman.bench import FIGURES, run, table
 
+    if rtt:
+        from taskman.bench.rtt import rtt_table, run_rtt
+
+        # Quick: one delay, a few jobs; for the tests.
+        found = run_rtt(out, [5.0], jobs=30, posts=20) if quick else run_rtt(out)
+        print(rtt_table(found))
+        console.print(f"[dim]JSON: {found['json']}[/dim]")
+        return
     if quick:
         seconds, jobs = 1, 300
     chosen = [int(p) for p in phases.split(",") if p.strip()]

@@ -6,36 +6,19 @@ Needs Debian's chromium (.ci/run installs it) and playwright (the dev extra).
 Without them the test is skipped, except under CI, where it fails.
 """
 
-import importlib.util
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from taskman.redis_server import free_port
+from tests.browser import chromium, needs_browser
 from tests.processes import stop, taskman, wait_http
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Downloads from outside are blocked: Chromium must not reach for Google's
-# services (updates, sync, QUIC probes). As root it needs --no-sandbox. Playwright
-# gives every launch a fresh temporary profile (--user-data-dir) of its own.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 USERNAME = "admin"
 PASSWORD = "correct horse battery staple"
@@ -44,34 +27,13 @@ QUEUE = "taskman"
 MESSAGE = 'boom <img src=x onerror="window.__xss=1;alert(1)"> & more'
 
 
-def _missing() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed: pip install -e '.[dev]'"
-    if not CHROMIUM.exists():
-        return f"no browser at {CHROMIUM}: apt-get install chromium (.ci/run does)"
-    return None
-
-
-MISSING = _missing()
-pytestmark = pytest.mark.skipif(
-    MISSING is not None and not IN_CI, reason=f"no headless browser: {MISSING}"
-)
+pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator["Browser"]:
-    if MISSING:
-        pytest.fail(f"CI must run the browser test, but {MISSING}")
-    from playwright.sync_api import expect, sync_playwright
-
-    # Room for a slow machine: the pages load their data by script.
-    expect.set_options(timeout=15_000)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

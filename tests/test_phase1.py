@@ -60,8 +60,10 @@ def test_finished_tasks_expire_after_the_retention() -> None:
         done = wait_for(client, submit(client, "echo", value=1)["id"])
         assert client.get(f"/tasks/{done['id']}").status_code == 200
         time.sleep(1.1)
-        submit(client, "echo", value=2)  # expiry is swept on the way in
+        later = submit(client, "echo", value=2)  # expiry is swept on the way in
         assert client.get(f"/tasks/{done['id']}").status_code == 404
+        listed = client.get("/tasks").json()["tasks"]
+        assert [task["id"] for task in listed] == [later["id"]]  # gone from it too
 
 
 def test_a_retrying_task_can_be_canceled() -> None:
@@ -84,3 +86,32 @@ def test_shutdown_says_how_many_queued_tasks_are_lost(
             submit(client, "echo", value=i)
     assert "3 queued task(s) are lost" in caplog.text
     assert "canceled mid-run" in caplog.text
+
+
+def test_shutdown_counts_the_scheduled_tasks_it_loses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="taskman"), phase1() as client:
+        body = {"type": "echo", "payload": {"value": 1}, "delay_seconds": 60}
+        for _ in range(2):
+            assert client.post("/tasks", json=body).json()["status"] == "scheduled"
+    # Their timers lived in the process: a restart forgets them (phase 2 does not).
+    assert "2 scheduled and 0 queued task(s) are lost" in caplog.text
+
+
+def test_a_batch_that_would_overfill_the_queue_is_503_and_accepts_nothing() -> None:
+    with phase1(max_queued=3) as client:
+        running = submit(client, "sleep", seconds=30)
+        wait_for(client, running["id"], "running")
+        echo = {"type": "echo", "payload": {"value": 1}}
+        scheduled = client.post("/tasks", json=echo | {"delay_seconds": 60}).json()
+        # One scheduled task waits too: two more fit, not three.
+        response = client.post("/tasks/batch", json={"tasks": [echo] * 3})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        listed = client.get("/tasks").json()["tasks"]
+        assert [task["id"] for task in listed] == [scheduled["id"], running["id"]]
+        assert (
+            client.post("/tasks/batch", json={"tasks": [echo] * 2}).status_code == 202
+        )
+        client.delete(f"/tasks/{running['id']}")
