@@ -294,6 +294,8 @@ def settle(url: str, accepted: list[str], timeout: float = 30) -> tuple[int, int
                 if statuses[task_id] == "succeeded":
                     pending.discard(task_id)
             time.sleep(0.2)
+    for task_id in pending:  # shown with a failure: what a stuck task was doing
+        print(f"stuck: {task_id} {statuses.get(task_id)}")
     return len(lost), len(pending)
 
 
