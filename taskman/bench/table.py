@@ -16,8 +16,8 @@ def table(results: dict[str, Any]) -> str:
         lines += [
             f"HTTP load: {bp['tool']}, {results['seconds']} s per figure.",
             "",
-            "API alone (workers on for phases 2-3, idle: the load is POST or GET "
-            "only), uvicorn's access log off; CPU: the API process's, from /proc.",
+            "API alone (no worker runs during the POST and GET loads), uvicorn's "
+            "access log off; CPU: the API process's, from /proc.",
             "",
             "| | POST /tasks req/s | CPU µs/req | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | CPU µs/req | vs bare | echo submit→done p50 / p99 ms |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -115,8 +115,8 @@ def peers_table(peers: dict[str, Any]) -> list[str]:
         "",
         "API alone: workers off, uvicorn 1 process, access log off (the bare app's "
         "settings); CPU is the API process's, from /proc. With 1 worker: the same "
-        "POST load, its worker (1 process) running; finished = accepted less what "
-        "the queue held when the load stopped. Worker alone: a pre-filled queue, "
+        "POST load, its worker (1 process) running; finished/s from the library's own "
+        "count (RQ's finished registry, the results it keeps). Worker alone: a pre-filled queue, "
         "the rate from 90 % to 10 % of it left; round trips are the Redis "
         "server's reply writes (INFO total_writes_processed), commands its "
         "total_commands_processed, both per job, the bench's own polling taken "

@@ -20,8 +20,14 @@ from typing import Any, cast
 import httpx
 import redis
 
-from taskman.bench.load import Load, load
-from taskman.bench.peers.registry import PEERS, Backlog, Peer, rq_backlog
+from taskman.bench.load import load
+from taskman.bench.peers.registry import (
+    PEERS,
+    Backlog,
+    Peer,
+    rq_backlog,
+    rq_finished,
+)
 from taskman.processes import (
     Process,
     api_command,
@@ -90,7 +96,7 @@ def _measure(
     ):
         _one_through(api_url, connection, peer.backlog)
         figures["with_worker"] = _under_load(
-            api_url, seconds, pid, connection, peer.backlog
+            api_url, seconds, pid, connection, peer.finished
         )
     connection.flushdb()
     _fill(peer, python, env, jobs)
@@ -140,20 +146,19 @@ def _wait_empty(connection: redis.Redis, backlog: Backlog, timeout: float) -> No
 
 
 def _under_load(
-    url: str, seconds: float, pid: int, connection: redis.Redis, backlog: Backlog
+    url: str, seconds: float, pid: int, connection: redis.Redis, finished: Backlog
 ) -> dict[str, Any]:
-    """POST load with the worker on: accepted/s is wrk's; finished are those
-    accepted less what the queue still holds when the load stops (wrk does not
-    count the <= 32 requests in flight at its end: finished is low by as many)."""
-    result: Load = load(f"{url}/tasks", seconds, body=ECHO, pid=pid)
-    left = backlog(connection)
-    elapsed = result.requests / result.rps if result.rps else seconds
-    finished = max(0, result.requests - left)
+    """POST load with the worker on: tasks accepted (the load's req/s) and
+    finished (the library's own count, read just before and just after) per
+    second."""
+    before, started = finished(connection), time.perf_counter()
+    result = load(f"{url}/tasks", seconds, body=ECHO, pid=pid)
+    done, elapsed = finished(connection) - before, time.perf_counter() - started
     return {
         **asdict(result),
         "accepted_per_s": round(result.rps, 1),
-        "finished_per_s": round(finished / elapsed, 1),
-        "left_in_queue": left,
+        "finished_per_s": round(done / elapsed, 1),
+        "finished": done,
     }
 
 
@@ -259,7 +264,9 @@ def full_stack(url: str, seconds: float) -> dict[str, Any]:
         wait_healthy(api_url, process)
         backlog = rq_backlog(queue)
         _one_through(api_url, connection, backlog)
-        figures = _under_load(api_url, seconds, process.pid, connection, backlog)
+        figures = _under_load(
+            api_url, seconds, process.pid, connection, rq_finished(queue)
+        )
     connection.flushdb()
     connection.close()
     return figures

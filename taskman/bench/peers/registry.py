@@ -1,8 +1,9 @@
 """What the bench needs to know of each peer: how to start its API and its worker,
-how to fill its queue, and how many jobs it still holds (accepted, not finished).
+how to fill its queue, how many jobs it still holds (accepted, not finished) and
+how many it has finished.
 
-The backlog is read in Redis by the library's own keys, from the bench's side,
-so one generic loop measures every peer the same way.
+Both are read in Redis by the library's own keys, from the bench's side, so one
+generic loop measures every peer the same way.
 """
 
 import subprocess
@@ -25,6 +26,7 @@ class Peer:
     api: str  # the module whose create_app() uvicorn serves
     worker: Callable[[str, str], list[str]]  # (python, redis URL) -> argv
     backlog: Backlog
+    finished: Backlog  # jobs finished so far (results kept, or RQ's registry)
     requires: tuple[str, ...]  # what must import under its interpreter
     # Runs under the peers' interpreter (``--peers-python``), not ours: the peers'
     # libraries pin redis-py where taskman's queue extra pins another.
@@ -61,6 +63,33 @@ def rq_backlog(queue: str) -> Backlog:
             return sum(pipe.execute())
 
     return backlog
+
+
+def rq_finished(queue: str) -> Backlog:
+    def finished(connection: redis.Redis) -> int:
+        return cast(int, connection.zcard(f"rq:finished:{queue}"))
+
+    return finished
+
+
+def _keys(pattern: str) -> Backlog:
+    """The keys matching ``pattern``: a library's results, one key a job."""
+
+    def count(connection: redis.Redis) -> int:
+        return sum(1 for _ in connection.scan_iter(match=pattern, count=1000))
+
+    return count
+
+
+def _saq_finished(connection: redis.Redis) -> int:
+    # saq keeps a finished job's key for its ttl (600 s); less the unfinished.
+    return _keys("saq:job:default:*")(connection) - _saq_backlog(connection)
+
+
+def _taskiq_finished(connection: redis.Redis) -> int:
+    # taskiq-redis names a result by its task id alone: every key but the stream.
+    keys = cast(int, connection.dbsize())
+    return keys - cast(int, connection.exists("taskiq"))
 
 
 def _celery_backlog(connection: redis.Redis) -> int:
@@ -105,6 +134,7 @@ def _phase(phase: int) -> Peer:
         api=PHASES[phase],
         worker=lambda python, url: taskman_command("worker", "--phase", str(phase)),
         backlog=rq_backlog(queue),
+        finished=rq_finished(queue),
         requires=("rq",),
         foreign=False,
         env={
@@ -126,6 +156,7 @@ PEERS: dict[str, Peer] = {
         api="taskman.bench.peers.rq_app",
         worker=_rq_worker,
         backlog=rq_backlog("default"),
+        finished=rq_finished("default"),
         requires=("rq",),
         foreign=False,
         fill_module="rq_app",
@@ -138,6 +169,7 @@ PEERS: dict[str, Peer] = {
             *("worker", "--pool", "solo", "--loglevel", "WARNING"),
         ],
         backlog=_celery_backlog,
+        finished=_keys("celery-task-meta-*"),
         requires=("celery", "redis"),
         fill_module="celery_app",
     ),
@@ -148,6 +180,7 @@ PEERS: dict[str, Peer] = {
             *(python, "-m", "arq", "taskman.bench.peers.arq_app.WorkerSettings")
         ],
         backlog=_arq_backlog,
+        finished=_keys("arq:result:*"),
         requires=("arq",),
         fill_module="arq_app",
     ),
@@ -158,6 +191,7 @@ PEERS: dict[str, Peer] = {
             *(python, "-m", "saq", "taskman.bench.peers.saq_app.settings")
         ],
         backlog=_saq_backlog,
+        finished=_saq_finished,
         requires=("saq",),
         fill_module="saq_app",
     ),
@@ -175,6 +209,7 @@ PEERS: dict[str, Peer] = {
             *("--workers", "1", "--log-level", "WARNING"),
         ],
         backlog=_taskiq_backlog,
+        finished=_taskiq_finished,
         requires=("taskiq", "taskiq_redis"),
         fill_module="taskiq_app",
     ),
