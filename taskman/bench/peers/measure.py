@@ -20,6 +20,7 @@ from typing import Any, cast
 import httpx
 import redis
 
+from taskman.bench.figures import ECHO, UNLIMITED
 from taskman.bench.load import load
 from taskman.bench.peers.registry import (
     PEERS,
@@ -39,7 +40,6 @@ from taskman.processes import (
     wait_healthy,
 )
 
-ECHO = {"type": "echo", "payload": {"value": 1}}
 # The drain's steady part: from 90 % of the jobs left to 10 % left, so neither
 # the worker's start nor its last, idle polls are in the rate.
 STEADY = (0.9, 0.1)
@@ -251,8 +251,7 @@ def full_stack(url: str, seconds: float) -> dict[str, Any]:
         "TASKMAN_REDIS_URL": url,
         "TASKMAN_QUEUE_NAME": queue,
         "TASKMAN_MAX_QUEUED": "1000000",
-        "TASKMAN_RATE_LIMIT_SUBMIT": "1000000/second",
-        "TASKMAN_RATE_LIMIT_READ": "1000000/second",
+        **UNLIMITED,
     }
     connection = redis.Redis.from_url(url)
     connection.flushdb()
