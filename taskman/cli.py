@@ -243,7 +243,8 @@ def bench(
         Path | None, typer.Option(help="Where PNG charts go (e.g. docs/img).")
     ] = None,
     figures: Annotated[
-        str, typer.Option(help="Comma-separated: http, durability, workers, loop.")
+        str,
+        typer.Option(help="Comma-separated: http, durability, workers, loop, peers."),
     ] = "http,durability,workers,loop",
     rtt: Annotated[
         bool,
@@ -252,9 +253,24 @@ def bench(
             "round trip to Redis, on hosts of their own (network namespaces; root)."
         ),
     ] = False,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            help="Also FastAPI + stock RQ, Celery, arq, saq and taskiq "
+            "(the `peers` extra), in the same run."
+        ),
+    ] = False,
+    peers_python: Annotated[
+        str,
+        typer.Option(
+            envvar="TASKMAN_PEERS_PYTHON",
+            help="The Python that has the `peers` extra (default: this one).",
+        ),
+    ] = sys.executable,
 ) -> None:
     """Measure every phase against a bare FastAPI app and stock RQ, in one run."""
-    from taskman.bench import FIGURES, run, table
+    from taskman.bench.runner import FIGURES, run
+    from taskman.bench.table import table
 
     if rtt:
         from taskman.bench.rtt import rtt_table, run_rtt
@@ -274,7 +290,9 @@ def bench(
         raise typer.BadParameter(
             f"unknown: {', '.join(sorted(unknown))}", param_hint="--figures"
         )
-    results = run(chosen, seconds, jobs, out, wanted)
+    if peers and "peers" not in wanted:
+        wanted.append("peers")
+    results = run(chosen, seconds, jobs, out, wanted, peers_python)
     print(table(results))
     console.print(f"[dim]JSON: {results['json']}[/dim]")
     if charts is not None:

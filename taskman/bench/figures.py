@@ -48,10 +48,13 @@ def serve(
 
 
 @contextmanager
-def service(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def service(
+    module: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """``module``'s app served for the block: its URL and pid (for its CPU)."""
     process, url = serve(module, env)
     try:
-        yield url
+        yield url, process.pid
     finally:
         stop(process)
 
@@ -231,7 +234,7 @@ def loop_figures(seconds: float) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     count = max(30, int(seconds * 20))
     for label, (module, env) in variants.items():
-        with service(module, env) as url:
+        with service(module, env) as (url, _):
             if not figures:
                 figures["idle"] = health_latency(url, count)
             busy = {"type": "hash", "payload": {"data": "x", "iterations": 2_000_000}}

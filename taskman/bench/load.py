@@ -1,5 +1,10 @@
 """Load on one URL: requests/s and latency percentiles, from wrk where installed,
-else from httpx."""
+else from httpx; and, given the server's pid, the CPU it spent per request.
+
+CPU per request is read from /proc (user + system time over the run, divided by
+the requests served): on a shared 2-core machine req/s moves by +-20 % between
+runs, as other processes take the cores; the CPU a request costs moves far less.
+"""
 
 import asyncio
 import json
@@ -14,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from taskman.processes import cpu_seconds
+
 
 @dataclass
 class Load:
@@ -21,15 +28,29 @@ class Load:
     p50_ms: float
     p99_ms: float
     tool: str
+    requests: int = 0  # answered during the run
+    # CPU (user + system) of the server process per request, µs; None: not asked.
+    cpu_us: float | None = None
 
 
 def load(
-    url: str, seconds: float, connections: int = 32, body: dict[str, Any] | None = None
+    url: str,
+    seconds: float,
+    connections: int = 32,
+    body: dict[str, Any] | None = None,
+    pid: int | None = None,
 ) -> Load:
-    """Requests/s and latency percentiles under load, from wrk where installed."""
+    """Requests/s and latency percentiles under load, from wrk where installed;
+    with ``pid`` (the server's), its CPU per request."""
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     if shutil.which("wrk"):
-        return _wrk(url, seconds, connections, body)
-    return _python_load(url, seconds, connections, body)
+        result = _wrk(url, seconds, connections, body)
+    else:
+        result = _python_load(url, seconds, connections, body)
+    if pid is not None and result.requests:
+        spent = cpu_seconds(pid) - cpu_before
+        result.cpu_us = round(spent / result.requests * 1e6, 1)
+    return result
 
 
 def _wrk(
@@ -63,7 +84,8 @@ def _wrk(
     if "Non-2xx" in out:
         raise RuntimeError(f"errors under load:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    return Load(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), "wrk")
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    return Load(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), "wrk", requests)
 
 
 def _wrk_ms(out: str, percentile: str) -> float:
@@ -98,7 +120,9 @@ def _python_load(
 
     elapsed = asyncio.run(main())
     p50, p99 = percentiles(latencies)
-    return Load(len(latencies) / elapsed, p50, p99, "httpx (wrk not installed)")
+    return Load(
+        len(latencies) / elapsed, p50, p99, "httpx (wrk not installed)", len(latencies)
+    )
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:

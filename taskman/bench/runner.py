@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,12 +27,14 @@ from taskman.bench.figures import (
     workers,
 )
 from taskman.bench.load import load
+from taskman.bench.peers.measure import measure_peers as measure_peers_figures
+from taskman.bench.peers.registry import PEERS
 from taskman.phases import PHASES, queued
 from taskman.redis_server import EmbeddedRedis
 
 console = Console(stderr=True)
 
-FIGURES = ("http", "durability", "workers", "loop")
+FIGURES = ("http", "durability", "workers", "loop", "peers")
 
 
 def run(
@@ -40,6 +43,7 @@ def run(
     jobs: int,
     out_dir: Path,
     figures: Sequence[str] = FIGURES,
+    peers_python: str = sys.executable,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -51,7 +55,14 @@ def run(
     queue_phases = [p for p in phases if queued(p)]
     measure_workers = "workers" in figures and bool(queue_phases)
     measure_loop = "loop" in figures and 1 in phases
-    steps = http + len(phases) * (http + durable) + measure_workers + measure_loop
+    measure_peers = "peers" in figures
+    steps = (
+        http
+        + len(phases) * (http + durable)
+        + measure_workers
+        + measure_loop
+        + measure_peers * (len(PEERS) + 2)
+    )
     with (
         Progress(*Progress.get_default_columns(), console=console) as progress,
         tempfile.TemporaryDirectory() as data,
@@ -64,12 +75,12 @@ def run(
 
         if http:
             step("bare FastAPI (baseline)")
-            with service("taskman.baseline") as url:
+            with service("taskman.baseline") as (url, pid):
                 results["baseline_post"] = asdict(
-                    load(f"{url}/tasks", seconds, body=ECHO)
+                    load(f"{url}/tasks", seconds, body=ECHO, pid=pid)
                 )
                 results["baseline_get"] = asdict(
-                    load(f"{url}/tasks/{'0' * 32}", seconds)
+                    load(f"{url}/tasks/{'0' * 32}", seconds, pid=pid)
                 )
             progress.advance(bar)
         for phase in phases:
@@ -83,8 +94,8 @@ def run(
                 "TASKMAN_QUEUE_NAME": f"bench-phase{phase}",
                 **UNLIMITED,
             }
-            with service(PHASES[phase], env) as url:
-                post = load(f"{url}/tasks", seconds, body=ECHO)
+            with service(PHASES[phase], env) as (url, pid):
+                post = load(f"{url}/tasks", seconds, body=ECHO, pid=pid)
                 if queued(phase):
                     redis.Redis.from_url(redis_url).delete(
                         f"rq:queue:bench-phase{phase}"
@@ -92,7 +103,7 @@ def run(
                 with workers(1 if queued(phase) else 0, env, phase):
                     task_id = finished_task(url)
                     echo = echo_latency(url, max(50, jobs // 10))
-                get = load(f"{url}/tasks/{task_id}", seconds)
+                get = load(f"{url}/tasks/{task_id}", seconds, pid=pid)
             results[f"phase{phase}"] = {
                 "post": asdict(post),
                 "get": asdict(get),
@@ -119,6 +130,15 @@ def run(
             step("phase 1: /health while the pool is busy")
             results["loop"] = loop_figures(seconds)
             progress.advance(bar)
+        if measure_peers:
+
+            def peer_step(text: str) -> None:
+                step(text)
+                progress.advance(bar)
+
+            results["peers"] = measure_peers_figures(
+                redis_url, seconds, jobs, peers_python, peer_step
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{results['date'][:19].replace(':', '')}.json"
     path.write_text(json.dumps(results, indent=2))

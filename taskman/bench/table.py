@@ -16,15 +16,18 @@ def table(results: dict[str, Any]) -> str:
         lines += [
             f"HTTP load: {bp['tool']}, {results['seconds']} s per figure.",
             "",
-            "| | POST /tasks req/s | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | vs bare | echo submit→done p50 / p99 ms |",
-            "|---|---|---|---|---|---|---|",
-            f"| bare FastAPI | {bp['rps']:.0f} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | 100% | - |",
+            "API alone (no worker runs during the POST and GET loads), uvicorn's "
+            "access log off; CPU: the API process's, from /proc.",
+            "",
+            "| | POST /tasks req/s | CPU µs/req | vs bare | p50 / p99 ms | GET /tasks/{id} req/s | CPU µs/req | vs bare | echo submit→done p50 / p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| bare FastAPI | {bp['rps']:.0f} | {_cpu(bp)} | 100% | {bp['p50_ms']} / {bp['p99_ms']} | {bg['rps']:.0f} | {_cpu(bg)} | 100% | - |",
         ]
         for key in measured:
             r = results[key]
             lines.append(
-                f"| {key} | {r['post']['rps']:.0f} | {ratio(r['post']['rps'], bp['rps'])} | "
-                f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | "
+                f"| {key} | {r['post']['rps']:.0f} | {_cpu(r['post'])} | {ratio(r['post']['rps'], bp['rps'])} | "
+                f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | {_cpu(r['get'])} | "
                 f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
             )
     durable = [
@@ -69,4 +72,55 @@ def table(results: dict[str, Any]) -> str:
         ]
         for label, (p50, p99) in results["loop"].items():
             lines.append(f"| {label} | {p50} | {p99} |")
+    if "peers" in results:
+        lines += ["", *peers_table(results["peers"])]
     return "\n".join(lines)
+
+
+def _cpu(load: dict[str, Any]) -> str:
+    """A load's CPU per request of the server, µs ("-": not measured)."""
+    cpu = load.get("cpu_us")
+    return "-" if cpu is None else f"{cpu:.0f}"
+
+
+def peers_table(peers: dict[str, Any]) -> list[str]:
+    """The same echo workload through each peer, and phase 3 as `taskman serve`."""
+    bare = peers["bare"]
+    lines = [
+        "| the same echo workload | POST req/s, API alone | vs bare | API CPU µs/req "
+        "| accepted/s, with 1 worker | finished/s, end to end | worker alone, "
+        "jobs/s (steady) | Redis round trips / commands per job |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| bare FastAPI (no queue) | {bare['rps']:.0f} | 100% | {_cpu(bare)} "
+        "| - | - | - | - |",
+    ]
+    for figures in peers["measured"].values():
+        alone, load, drain = (
+            figures["api_alone"],
+            figures["with_worker"],
+            figures["worker_alone"],
+        )
+        vs = f"{alone['rps'] / bare['rps']:.0%}" if bare["rps"] else "-"
+        lines.append(
+            f"| {figures['label']} | {alone['rps']:.0f} | {vs} | {_cpu(alone)} "
+            f"| {load['accepted_per_s']:.0f} | {load['finished_per_s']:.0f} "
+            f"| {drain['jobs_per_s']:.0f} "
+            f"| {drain['round_trips_per_job']} / {drain['commands_per_job']} |"
+        )
+    full = peers["full_stack"]
+    lines += [
+        f"| full stack: `taskman serve --phase 3 --workers 1` (its own logging, "
+        f"access log on) | - | - | {_cpu(full)} | {full['accepted_per_s']:.0f} "
+        f"| {full['finished_per_s']:.0f} | - | - |",
+        "",
+        "API alone: workers off, uvicorn 1 process, access log off (the bare app's "
+        "settings); CPU is the API process's, from /proc. With 1 worker: the same "
+        "POST load, its worker (1 process) running; finished/s from the library's own "
+        "count (RQ's finished registry, the results it keeps). Worker alone: a pre-filled queue, "
+        "the rate from 90 % to 10 % of it left; round trips are the Redis "
+        "server's reply writes (INFO total_writes_processed), commands its "
+        "total_commands_processed, both per job, the bench's own polling taken "
+        "out.",
+    ]
+    lines += [f"- {reason}" for reason in peers["skipped"].values()]
+    return lines
