@@ -15,6 +15,7 @@ import redis
 from rich.console import Console
 from rich.progress import Progress
 
+from taskman.bench.features import batch_rate, wait_latency
 from taskman.bench.figures import (
     ECHO,
     UNLIMITED,
@@ -96,6 +97,7 @@ def run(
             }
             with service(PHASES[phase], env) as (url, pid):
                 post = load(f"{url}/tasks", seconds, body=ECHO, pid=pid)
+                batch = batch_rate(url, seconds)
                 if queued(phase):
                     redis.Redis.from_url(redis_url).delete(
                         f"rq:queue:bench-phase{phase}"
@@ -103,12 +105,16 @@ def run(
                 with workers(1 if queued(phase) else 0, env, phase):
                     task_id = finished_task(url)
                     echo = echo_latency(url, max(50, jobs // 10))
+                    waited = wait_latency(url, max(30, jobs // 20))
                 get = load(f"{url}/tasks/{task_id}", seconds, pid=pid)
             results[f"phase{phase}"] = {
                 "post": asdict(post),
                 "get": asdict(get),
                 "echo_p50_ms": echo[0],
                 "echo_p99_ms": echo[1],
+                "wait_p50_ms": waited[0],
+                "wait_p99_ms": waited[1],
+                "batch": batch,
             }
             progress.advance(bar)
         for phase in phases if durable else []:

@@ -30,6 +30,22 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | {_cpu(r['get'])} | "
                 f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
             )
+    waited = [
+        k for k in ("phase1", "phase2", "phase3") if "batch" in results.get(k, {})
+    ]
+    if waited:
+        lines += [
+            "",
+            "| | `?wait=` answered after the task's end, p50 / p99 ms | `POST /tasks/batch` of 100, tasks/s (API alone) | batch p50 / p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for key in waited:
+            r = results[key]
+            b = r["batch"]
+            lines.append(
+                f"| {key} | {r['wait_p50_ms']} / {r['wait_p99_ms']} | "
+                f"{b['tasks_per_s']} | {b['p50_ms']} / {b['p99_ms']} |"
+            )
     durable = [
         k for k in ("phase1", "phase2", "phase3") if "durability" in results.get(k, {})
     ]
