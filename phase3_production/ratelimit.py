@@ -1,5 +1,13 @@
 """Per-client rate limits on the task routes, counted in Redis so that every API
 process shares them; 429 + Retry-After past the limit, RateLimit headers always.
+
+A moving-window limit of 200 or more per window is counted in blocks (allowance.py):
+each API process reserves up to ``limit // 100`` (at most 100) requests of the
+client's budget in Redis at once and spends them locally. The API processes together
+still never admit more than the limit; the error bound is one-sided: a client may be
+refused up to ``block - 1`` requests per API process below it, and the remaining
+count ``r`` in the headers is an estimate. Smaller limits, and the other strategies,
+count every request in Redis, exactly.
 """
 
 import asyncio
@@ -27,6 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
+from phase3_production.allowance import Allowances, block_size
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.redis_client import connect_async
 
@@ -80,6 +89,11 @@ class Policy:
     @property
     def window(self) -> int:
         return self.item.get_expiry()
+
+    @property
+    def block(self) -> int:
+        """Requests one reservation of the local allowance takes (allowance.py)."""
+        return block_size(self.item.amount)
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ class RateLimit:
         )
         self.limiter = STRATEGIES[settings.rate_limit_strategy](storage)
         self._storage = storage
+        self._allowances = Allowances(self._redis, self._batch)
         self._down_until = 0.0
         self._last_warning = -math.inf
         self._unwarned_failures = 0
@@ -246,6 +261,8 @@ class RateLimit:
         scripts: Any = self._storage.bridge  # limits' redis-py bridge ("redispy")
         acquire, window = scripts.lua_acquire_moving_window, scripts.lua_moving_window
         now = time.time()
+        if any(policy.block > 1 for policy in policies):
+            return await self._spend_allowances(kind, policies, client)
         commands: list[tuple[Any, ...]] = []
         for policy in policies:
             key = scripts.prefixed_key(policy.item.key_for(kind, client))
@@ -264,6 +281,28 @@ class RateLimit:
                 Verdict(True, policy, max(0, policy.item.amount - count), reset_at)
             )
         # Report the most restrictive: the least remaining, then the longest wait.
+        return min(verdicts, key=lambda v: (v.remaining, -v.reset_at))
+
+    async def _spend_allowances(
+        self, kind: Kind, policies: Sequence[Policy], client: str
+    ) -> Verdict:
+        """A limit large enough for blocks: counted in this process's allowance,
+        Redis asked once a block (allowance.py states what that costs); shortest
+        window first, stopping at the first refusal."""
+        scripts: Any = self._storage.bridge
+        verdicts = []
+        for policy in policies:
+            key = scripts.prefixed_key(policy.item.key_for(kind, client))
+            spent = await self._allowances.spend(
+                key,
+                policy.item.amount,
+                policy.window,
+                policy.block,
+                scripts.lua_moving_window,
+            )
+            if not spent.allowed:
+                return Verdict(False, policy, 0, spent.reset_at)
+            verdicts.append(Verdict(True, policy, spent.remaining, spent.reset_at))
         return min(verdicts, key=lambda v: (v.remaining, -v.reset_at))
 
     def headers(
