@@ -9,8 +9,9 @@ and spends it locally; the next reservation gives back what is left of the last 
 Exactness: a reservation is counted in Redis before any of it is spent, so the API
 processes together never admit more than the limit. For the moving window that
 needs this script of our own (limits' acquire script stamps its entries with the
-moment it checks): a block may be spent for up to ``lifetime`` (a hundredth of the
-window) after it was taken, so its entries are stamped at the *end* of that time.
+moment it checks): a block may be spent for up to ``lifetime`` (a tenth of the
+window, at most 1 s) after it was taken, so its entries are stamped at the *end* of
+that time.
 Each entry then stays in the window at least a window after every request it
 admitted, and every check a window later still sees it.
 
@@ -40,8 +41,10 @@ from phase3_production.autopipeline import AutoPipeline
 # bound is then at most 1% of the limit per API process.
 MAX_BLOCK = 100
 BLOCK_FRACTION = 100
-# A block is spent within this fraction of its window, or given back.
-LIFETIME_FRACTION = 100
+# A block is spent within a tenth of its window (at most a second), or given
+# back: long enough to outlast a reservation's round trip many times over.
+LIFETIME_FRACTION = 10
+MAX_LIFETIME = 1.0
 
 # KEYS[1]: limits' moving-window list (newest first). ARGV: now, limit, window,
 # block, stamp, returned, returned_stamp. Gives back ``returned`` entries of the
@@ -157,7 +160,7 @@ class Allowances:
         old = self._blocks.pop(key, None)
         returned = old.left if old is not None else 0
         # A block of 1 is spent at once: stamped now, as limits' own script does.
-        lifetime = window / LIFETIME_FRACTION if block > 1 else 0.0
+        lifetime = min(window / LIFETIME_FRACTION, MAX_LIFETIME) if block > 1 else 0.0
         # Both clocks read before the round trip: the block is spent no later
         # than the moment its entries are stamped with.
         now, until = time.time(), time.monotonic() + lifetime
