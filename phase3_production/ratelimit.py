@@ -30,7 +30,6 @@ from limits.aio.strategies import (
 )
 from limits.errors import StorageError
 from redis.exceptions import NoScriptError, RedisError
-from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +58,8 @@ STORAGE_ERRORS = (StorageError, RedisError, OSError, TimeoutError)
 REDIS_BACKOFF_SECONDS = 1.0
 # A rate limiter that waits for Redis longer than this slows down every request.
 REDIS_TIMEOUT_SECONDS = 0.5
+# Memos per client (its key, its Redis keys) hold at most this many entries.
+MEMO_SIZE = 10_000
 
 
 def storage_uri(redis_url: str) -> str:
@@ -89,6 +90,11 @@ class Policy:
     @property
     def window(self) -> int:
         return self.item.get_expiry()
+
+    @property
+    def field(self) -> str:
+        """This policy in RateLimit-Policy."""
+        return f'"{self.name}";q={self.item.amount};w={self.window}'
 
     @property
     def block(self) -> int:
@@ -167,6 +173,10 @@ class RateLimit:
         self.limiter = STRATEGIES[settings.rate_limit_strategy](storage)
         self._storage = storage
         self._allowances = Allowances(self._redis, self._batch)
+        # Memos of what is the same for every request of a client.
+        self._fields: dict[tuple[str, ...], str] = {}
+        self._peers: dict[str, str] = {}
+        self._keys: dict[tuple[str, str, str], str] = {}
         self._down_until = 0.0
         self._last_warning = -math.inf
         self._unwarned_failures = 0
@@ -210,11 +220,14 @@ class RateLimit:
             await _json(scope, receive, send, 429, detail, [*headers, retry_after])
             return
 
+        raw = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers
+        ]
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response_headers = MutableHeaders(scope=message)
-                for name, value in headers:
-                    response_headers.append(name, value)
+                message["headers"] = [*message.get("headers", ()), *raw]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -292,7 +305,12 @@ class RateLimit:
         scripts: Any = self._storage.bridge
         verdicts = []
         for policy in policies:
-            key = scripts.prefixed_key(policy.item.key_for(kind, client))
+            key = self._keys.get((policy.name, kind, client))
+            if key is None:
+                if len(self._keys) >= MEMO_SIZE:
+                    self._keys.clear()
+                key = scripts.prefixed_key(policy.item.key_for(kind, client))
+                self._keys[policy.name, kind, client] = key
             spent = await self._allowances.spend(
                 key,
                 policy.item.amount,
@@ -317,9 +335,7 @@ class RateLimit:
         return [
             (
                 "RateLimit-Policy",
-                ", ".join(
-                    f'"{p.name}";q={p.item.amount};w={p.window}' for p in policies
-                ),
+                self._policy_field(policies),
             ),
             ("RateLimit", f'"{policy.name}";r={verdict.remaining};t={reset_in}'),
             ("X-RateLimit-Limit", str(policy.item.amount)),
@@ -327,9 +343,25 @@ class RateLimit:
             ("X-RateLimit-Reset", str(math.ceil(verdict.reset_at))),
         ]
 
+    def _policy_field(self, policies: Sequence[Policy]) -> str:
+        # Per request it is always one of two lists: built once each.
+        key = tuple(policy.name for policy in policies)
+        field = self._fields.get(key)
+        if field is None:
+            field = self._fields[key] = ", ".join(p.field for p in policies)
+        return field
+
     def client_key(self, scope: Scope) -> str:
         """Who is asking: the peer, or what our trusted proxies say the peer was."""
         peer = (scope.get("client") or ("",))[0]
+        if not self.trusted:
+            # The peer alone decides: parsed once per peer (a bounded memo).
+            key = self._peers.get(peer)
+            if key is None:
+                if len(self._peers) >= MEMO_SIZE:
+                    self._peers.clear()
+                key = self._peers[peer] = _key(_parse_ip(peer), peer)
+            return key
         address = _parse_ip(peer)
         if address is None or not self._is_trusted(address):
             return _key(address, peer)
