@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -291,8 +292,16 @@ def test_the_fast_path_leaves_everything_else_to_the_app() -> None:
     async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
+    class NoTasks:  # the backend, for an id the copies do not hold: not there
+        async def get(self, task_id: str) -> None:
+            reached.append(f"backend {task_id}")
+
+    class App:
+        state = SimpleNamespace(backend=NoTasks())
+
     def request(method: str, path: str, query: bytes = b"") -> None:
         scope = {
+            "app": App(),
             "type": "http",
             "method": method,
             "path": path,
@@ -316,4 +325,23 @@ def test_the_fast_path_leaves_everything_else_to_the_app() -> None:
         request(method, path, query)
     copies.forget(task.id)
     request("GET", f"/tasks/{task.id}")
-    assert len(reached) == 7 and len(sent) == 2, reached
+    # The unknown id and the forgotten copy were asked of the backend first.
+    assert len(reached) == 9 and len(sent) == 2, reached
+
+
+def test_the_fast_path_answers_an_unfinished_task_as_the_app_does(
+    client: TestClient,
+) -> None:
+    task = submit(client, "echo", value="waiting")  # no worker here: stays queued
+    path = f"/tasks/{task['id']}"
+    fast = client.get(path)
+    by_app = client.get(path, params={"wait": "0.01"})  # a query: the app answers
+    assert (fast.status_code, by_app.status_code) == (200, 200)
+    assert fast.json()["status"] == "queued"
+    assert fast.content == by_app.content
+    assert without_ratelimit_counts(fast) == without_ratelimit_counts(by_app)
+    assert fast.headers["x-cache"] == "MISS"
+    etag = {"If-None-Match": fast.headers["etag"]}
+    assert client.get(path, headers=etag).status_code == 304
+    missing = client.get("/tasks/" + "0" * 32)  # not there: the app's own 404
+    assert (missing.status_code, missing.json()) == (404, {"detail": "task not found"})
