@@ -7,8 +7,9 @@ from common.api import create_api
 from common.backend import TaskBackend
 from common.settings import Settings
 from phase3_production.backend import FastRQBackend
-from phase3_production.cache import CachedBackend
+from phase3_production.cache import CachedBackend, LocalCopies
 from phase3_production.dashboard import mount_dashboard
+from phase3_production.fastpath import FastPath
 from phase3_production.http_cache import HTTPCache
 from phase3_production.metrics import CountedBackend, Metrics, install_metrics
 from phase3_production.openapi import document_layers
@@ -20,6 +21,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The phase-3 app; serve it with ``uvicorn --factory phase3_production:create_app``."""
     settings = settings or Settings()
     metrics = Metrics()
+    copies = LocalCopies()  # the cache's copies in this process, which FastPath serves
 
     def backend(settings: Settings) -> TaskBackend:
         rq = FastRQBackend(settings)
@@ -31,13 +33,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rq.batch,
             ttl=settings.result_cache_ttl,
             retention=settings.retention_seconds,
+            local=copies,
         )
         return CountedBackend(cached, metrics)
 
     app = create_api(phase=3, settings=settings, backend=backend)
-    # Middleware added last runs first: metrics, then the rate limit, then the
-    # HTTP side of the cache, then the routes.
+    # Middleware added last runs first: metrics, then the rate limit, then a
+    # cache hit answered at once (the engine room), the HTTP side of the cache,
+    # then the routes.
     app.add_middleware(HTTPCache)
+    app.add_middleware(FastPath, copies=copies, metrics=metrics)
     app.add_middleware(
         RateLimit, settings=settings, on_limited=metrics.count_rate_limited
     )

@@ -7,7 +7,8 @@ delete in rq-dashboard), so it is worth caching, in two layers:
   job's live status and end; if they differ, the entry is dropped. So this layer is
   never stale.
 - in this process, for at most ``LOCAL_SECONDS``: no round trip at all. This is the
-  only layer that can be stale, by at most that long.
+  only layer that can be stale, by at most that long. It keeps the answer's bytes
+  too, so that fastpath.py can serve a hit without the app.
 Entries never outlive RQ's own result TTL, and concurrent misses for one task share
 a single backend read (no stampede when many clients poll a task that just finished).
 """
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +37,46 @@ LOCAL_SECONDS = 1.0
 cache_outcome: ContextVar[str | None] = ContextVar("cache_outcome", default=None)
 
 
+@dataclass(slots=True)
+class Copy:
+    """A finished task as this process holds it: until ``expires`` (monotonic),
+    with the exact bytes the API answers it with (fastpath.py serves those)."""
+
+    expires: float
+    task: Task
+    body: bytes
+    etag: str = ""  # the body's ETag, filled in by the first fast answer
+
+    def fresh(self) -> bool:
+        return self.expires > time.monotonic()
+
+
+class LocalCopies:
+    """The in-process layer: finished tasks by id, each trusted ``LOCAL_SECONDS``.
+
+    One object, shared by the cache (which fills it) and the fast path in front
+    of the app (which reads it), so both answer from the same copy."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._copies: dict[str, Copy] = {}
+        self._limit = limit
+
+    def fresh(self, task_id: str) -> Copy | None:
+        """The copy of ``task_id`` if it is still to be trusted."""
+        copy = self._copies.get(task_id)
+        return copy if copy is not None and copy.fresh() else None
+
+    def remember(self, task: Task) -> None:
+        if len(self._copies) > self._limit:  # bounded: drop the oldest half
+            for key in list(self._copies)[: self._limit // 2]:
+                del self._copies[key]
+        body = task.model_dump_json().encode()  # what common.api answers with
+        self._copies[task.id] = Copy(time.monotonic() + LOCAL_SECONDS, task, body)
+
+    def forget(self, task_id: str) -> None:
+        self._copies.pop(task_id, None)
+
+
 class CachedBackend:
     """Any backend whose tasks are RQ jobs in this Redis, cached; the entries are
     read through ``batch`` (one round trip with the job's live status)."""
@@ -46,13 +88,14 @@ class CachedBackend:
         batch: AutoPipeline,
         ttl: int,
         retention: int,
+        local: LocalCopies | None = None,
     ) -> None:
         self._inner = inner
         self._redis = redis
         self._batch = batch
         self._ttl = ttl
         self._retention = retention  # RQ's result_ttl: the job itself expires then
-        self._local: dict[str, tuple[float, Task]] = {}
+        self._local = local if local is not None else LocalCopies()
         self._inflight: dict[str, asyncio.Future[Task | None]] = {}
 
     async def submit(
@@ -66,10 +109,10 @@ class CachedBackend:
         return await self._inner.submit_many(requests, idempotency_key)
 
     async def get(self, task_id: str) -> Task | None:
-        local = self._local.get(task_id)
-        if local is not None and local[0] > time.monotonic():
+        local = self._local.fresh(task_id)
+        if local is not None:
             self._outcome(hit=True)
-            return local[1]
+            return local.task
         cached, seen = await self._from_redis(task_id)
         if cached is not None:
             self._outcome(hit=True)
@@ -104,9 +147,9 @@ class CachedBackend:
         happen to it); else the inner backend's wait. What that returns is not
         stored here: the entry needs the job's state from before the read, and
         the next GET stores it."""
-        local = self._local.get(task_id)
-        if local is not None and local[0] > time.monotonic():
-            return local[1]
+        local = self._local.fresh(task_id)
+        if local is not None:
+            return local.task
         cached, _ = await self._from_redis(task_id)
         if cached is not None:
             self._remember(cached)
@@ -130,7 +173,7 @@ class CachedBackend:
         cache_outcome.set("HIT" if hit else "MISS")  # for X-Cache and the metrics
 
     async def invalidate(self, task_id: str) -> None:
-        self._local.pop(task_id, None)
+        self._local.forget(task_id)
         with unavailable_when_redis_is_down():
             await self._redis.delete(_key(task_id))
 
@@ -173,10 +216,7 @@ class CachedBackend:
         self._remember(task)
 
     def _remember(self, task: Task) -> None:
-        if len(self._local) > 10_000:  # bounded: drop the oldest half
-            for key in list(self._local)[:5_000]:
-                del self._local[key]
-        self._local[task.id] = (time.monotonic() + LOCAL_SECONDS, task)
+        self._local.remember(task)
 
 
 def _key(task_id: str) -> str:

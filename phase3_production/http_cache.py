@@ -22,6 +22,11 @@ ENTITY_TAG = re.compile(r'(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")')
 TASK_PATH = re.compile(r"/tasks/[^/]+")
 
 
+def entity_tag(body: bytes) -> str:
+    """The ETag of a task's answer: a digest of its body, strong."""
+    return f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+
+
 def none_match(if_none_match: list[str], etag: str) -> bool:
     """Does If-None-Match match ``etag`` (RFC 9110 §13.1.2)? "*" matches any
     representation; each listed tag is compared weakly, its W/ ignored."""
@@ -58,7 +63,7 @@ class HTTPCache:
                 await send(message)
                 return
             body = message.get("body", b"")
-            etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+            etag = entity_tag(body)
             headers = MutableHeaders(scope=start)
             headers["ETag"] = etag
             if outcome := cache_outcome.get():

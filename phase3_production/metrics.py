@@ -34,6 +34,9 @@ TaskEvent = Literal["submitted", "canceled"]
 # be able to make up new time series.
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UNMATCHED = "<unmatched>"
+# The scope key under which whoever answers a request in front of the router
+# (fastpath.py) names the route template it answered for.
+ROUTE_TEMPLATE = "taskman.route_template"
 
 
 class Metrics:
@@ -241,7 +244,9 @@ class MetricsMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")  # the API route FastAPI chose, if it ran
-            template = route.path if isinstance(route, APIRoute) else None
+            template = scope.get(ROUTE_TEMPLATE) or (
+                route.path if isinstance(route, APIRoute) else None
+            )
             labels = (method, template or route_template(arrived), str(status))
             counter, histogram = self._series.get(labels) or self._new_series(labels)
             counter.inc()

@@ -1,5 +1,13 @@
 """Per-client rate limits on the task routes, counted in Redis so that every API
 process shares them; 429 + Retry-After past the limit, RateLimit headers always.
+
+A moving-window limit of 200 or more per window is counted in blocks (allowance.py):
+each API process reserves up to ``limit // 100`` (at most 100) requests of the
+client's budget in Redis at once and spends them locally. The API processes together
+still never admit more than the limit; the error bound is one-sided: a client may be
+refused up to ``block - 1`` requests per API process below it, and the remaining
+count ``r`` in the headers is an estimate. Smaller limits, and the other strategies,
+count every request in Redis, exactly.
 """
 
 import asyncio
@@ -22,11 +30,11 @@ from limits.aio.strategies import (
 )
 from limits.errors import StorageError
 from redis.exceptions import NoScriptError, RedisError
-from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
+from phase3_production.allowance import Allowances, block_size
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.redis_client import connect_async
 
@@ -50,6 +58,8 @@ STORAGE_ERRORS = (StorageError, RedisError, OSError, TimeoutError)
 REDIS_BACKOFF_SECONDS = 1.0
 # A rate limiter that waits for Redis longer than this slows down every request.
 REDIS_TIMEOUT_SECONDS = 0.5
+# Memos per client (its key, its Redis keys) hold at most this many entries.
+MEMO_SIZE = 10_000
 
 
 def storage_uri(redis_url: str) -> str:
@@ -80,6 +90,16 @@ class Policy:
     @property
     def window(self) -> int:
         return self.item.get_expiry()
+
+    @property
+    def field(self) -> str:
+        """This policy in RateLimit-Policy."""
+        return f'"{self.name}";q={self.item.amount};w={self.window}'
+
+    @property
+    def block(self) -> int:
+        """Requests one reservation of the local allowance takes (allowance.py)."""
+        return block_size(self.item.amount)
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,11 @@ class RateLimit:
         )
         self.limiter = STRATEGIES[settings.rate_limit_strategy](storage)
         self._storage = storage
+        self._allowances = Allowances(self._redis, self._batch)
+        # Memos of what is the same for every request of a client.
+        self._fields: dict[tuple[str, ...], str] = {}
+        self._peers: dict[str, str] = {}
+        self._keys: dict[tuple[str, str, str], str] = {}
         self._down_until = 0.0
         self._last_warning = -math.inf
         self._unwarned_failures = 0
@@ -195,11 +220,14 @@ class RateLimit:
             await _json(scope, receive, send, 429, detail, [*headers, retry_after])
             return
 
+        raw = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers
+        ]
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response_headers = MutableHeaders(scope=message)
-                for name, value in headers:
-                    response_headers.append(name, value)
+                message["headers"] = [*message.get("headers", ()), *raw]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -246,6 +274,8 @@ class RateLimit:
         scripts: Any = self._storage.bridge  # limits' redis-py bridge ("redispy")
         acquire, window = scripts.lua_acquire_moving_window, scripts.lua_moving_window
         now = time.time()
+        if any(policy.block > 1 for policy in policies):
+            return await self._spend_allowances(kind, policies, client)
         commands: list[tuple[Any, ...]] = []
         for policy in policies:
             key = scripts.prefixed_key(policy.item.key_for(kind, client))
@@ -266,6 +296,33 @@ class RateLimit:
         # Report the most restrictive: the least remaining, then the longest wait.
         return min(verdicts, key=lambda v: (v.remaining, -v.reset_at))
 
+    async def _spend_allowances(
+        self, kind: Kind, policies: Sequence[Policy], client: str
+    ) -> Verdict:
+        """A limit large enough for blocks: counted in this process's allowance,
+        Redis asked once a block (allowance.py states what that costs); shortest
+        window first, stopping at the first refusal."""
+        scripts: Any = self._storage.bridge
+        verdicts = []
+        for policy in policies:
+            key = self._keys.get((policy.name, kind, client))
+            if key is None:
+                if len(self._keys) >= MEMO_SIZE:
+                    self._keys.clear()
+                key = scripts.prefixed_key(policy.item.key_for(kind, client))
+                self._keys[policy.name, kind, client] = key
+            spent = await self._allowances.spend(
+                key,
+                policy.item.amount,
+                policy.window,
+                policy.block,
+                scripts.lua_moving_window,
+            )
+            if not spent.allowed:
+                return Verdict(False, policy, 0, spent.reset_at)
+            verdicts.append(Verdict(True, policy, spent.remaining, spent.reset_at))
+        return min(verdicts, key=lambda v: (v.remaining, -v.reset_at))
+
     def headers(
         self, policies: Sequence[Policy], verdict: Verdict
     ) -> list[tuple[str, str]]:
@@ -278,9 +335,7 @@ class RateLimit:
         return [
             (
                 "RateLimit-Policy",
-                ", ".join(
-                    f'"{p.name}";q={p.item.amount};w={p.window}' for p in policies
-                ),
+                self._policy_field(policies),
             ),
             ("RateLimit", f'"{policy.name}";r={verdict.remaining};t={reset_in}'),
             ("X-RateLimit-Limit", str(policy.item.amount)),
@@ -288,9 +343,25 @@ class RateLimit:
             ("X-RateLimit-Reset", str(math.ceil(verdict.reset_at))),
         ]
 
+    def _policy_field(self, policies: Sequence[Policy]) -> str:
+        # Per request it is always one of two lists: built once each.
+        key = tuple(policy.name for policy in policies)
+        field = self._fields.get(key)
+        if field is None:
+            field = self._fields[key] = ", ".join(p.field for p in policies)
+        return field
+
     def client_key(self, scope: Scope) -> str:
         """Who is asking: the peer, or what our trusted proxies say the peer was."""
         peer = (scope.get("client") or ("",))[0]
+        if not self.trusted:
+            # The peer alone decides: parsed once per peer (a bounded memo).
+            key = self._peers.get(peer)
+            if key is None:
+                if len(self._peers) >= MEMO_SIZE:
+                    self._peers.clear()
+                key = self._peers[peer] = _key(_parse_ip(peer), peer)
+            return key
         address = _parse_ip(peer)
         if address is None or not self._is_trusted(address):
             return _key(address, peer)

@@ -14,9 +14,14 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
+from common.models import Task
 from common.settings import Settings
 from phase3_production import create_app
+from phase3_production.cache import LocalCopies
+from phase3_production.fastpath import FastPath
+from phase3_production.metrics import Metrics
 from taskman.redis_server import EmbeddedRedis
 from tests.conftest import submit
 from tests.processes import drain_queue
@@ -214,3 +219,101 @@ def test_many_pollers_of_a_just_finished_task_cause_one_backend_read(
         # RQBackend.get is one HGETALL of the job's hash: it ran once for 50 GETs.
         stats = server.info("commandstats")
         assert stats["cmdstat_hgetall"]["calls"] == 1, stats.get("cmdstat_hgetall")
+
+
+# --- the fast path (fastpath.py): a hit answered in front of FastAPI
+
+
+def without_ratelimit_counts(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The raw header lines, the rate limit's changing counts left out."""
+    changing = (b"ratelimit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
+    return [(n, v) for n, v in response.headers.raw if n.lower() not in changing]
+
+
+def test_the_fast_path_answers_a_hit_byte_for_byte_as_the_app_does(
+    client: TestClient, settings: Settings
+) -> None:
+    task = submit(client, "echo", value="fast")
+    drain_queue(settings, phase=3)
+    path = f"/tasks/{task['id']}"
+    assert client.get(path).headers["x-cache"] == "MISS"  # stored, and copied here
+    fast = client.get(path)  # the copy is fresh: answered in front of the app
+    time.sleep(1.1)  # past the copy's second: the app answers, from Redis
+    by_app = client.get(path)
+    assert (fast.status_code, by_app.status_code) == (200, 200)
+    assert fast.content == by_app.content
+    assert without_ratelimit_counts(fast) == without_ratelimit_counts(by_app)
+    assert fast.headers["x-cache"] == "HIT" and "ratelimit" in fast.headers
+    etag = {"If-None-Match": fast.headers["etag"]}
+    fast_304 = client.get(path, headers=etag)  # fresh again: the fast path
+    time.sleep(1.1)
+    app_304 = client.get(path, headers=etag)
+    assert (fast_304.status_code, app_304.status_code) == (304, 304)
+    assert fast_304.content == app_304.content == b""
+    assert without_ratelimit_counts(fast_304) == without_ratelimit_counts(app_304)
+    # The metrics cannot tell the paths apart either: one route template.
+    scrape = client.get("/metrics").text
+    line = (
+        'taskman_http_requests_total{method="GET",route="/tasks/{task_id}",'
+        'status="200"} 3.0'
+    )
+    assert line in scrape
+    assert "taskman_cache_hits_total 4.0" in scrape, scrape
+
+
+def test_the_fast_path_leaves_everything_else_to_the_app() -> None:
+    copies = LocalCopies()
+    task = Task.model_validate(
+        {
+            "id": "a" * 32,
+            "type": "echo",
+            "status": "succeeded",
+            "payload": {"value": 1},
+            "result": 1,
+            "attempts": 1,
+            "max_retries": 0,
+            "created_at": "2026-01-01T00:00:00Z",
+            "finished_at": "2026-01-01T00:00:01Z",
+        }
+    )
+    copies.remember(task)
+    reached: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(f"{scope['method']} {scope['path']}?{scope['query_string']!r}")
+
+    fast = FastPath(app, copies=copies, metrics=Metrics())
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    def request(method: str, path: str, query: bytes = b"") -> None:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "query_string": query,
+            "headers": [],
+        }
+        asyncio.run(fast(scope, receive, send))
+
+    request("GET", f"/tasks/{task.id}")
+    assert (
+        sent[0]["status"] == 200 and sent[1]["body"] == task.model_dump_json().encode()
+    )
+    for method, path, query in [
+        ("GET", f"/tasks/{task.id}", b"wait=1"),
+        ("HEAD", f"/tasks/{task.id}", b""),
+        ("DELETE", f"/tasks/{task.id}", b""),
+        ("GET", f"/tasks/{task.id}/events", b""),
+        ("GET", f"/tasks/{'b' * 32}", b""),  # no copy of it here
+        ("GET", f"/tasks/{task.id.upper()}", b""),
+    ]:
+        request(method, path, query)
+    copies.forget(task.id)
+    request("GET", f"/tasks/{task.id}")
+    assert len(reached) == 7 and len(sent) == 2, reached

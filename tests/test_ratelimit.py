@@ -375,3 +375,53 @@ def test_a_redis_that_forgot_its_scripts_still_limits_exactly(redis_url: str) ->
         redis.Redis.from_url(redis_url).script_flush()
         statuses = [client.get(UNKNOWN_TASK).status_code for _ in range(3)]
     assert statuses == [404, 404, 429]
+
+
+def test_local_allowances_of_two_apps_never_admit_more_than_the_limit(
+    redis_url: str,
+) -> None:
+    # 1000/minute: each process reserves blocks of 10 (allowance.py). Together
+    # they admit at most the limit, and at most 9 fewer per process.
+    prefix = f"test:{uuid.uuid4().hex}"
+    apps = [
+        limited_app(redis_url, key_prefix=prefix, rate_limit_read="1000/minute")
+        for _ in range(2)
+    ]
+    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+        clients = [first, second]
+        start = threading.Barrier(40)
+
+        def requests(i: int) -> list[int]:
+            start.wait()
+            return [
+                clients[(i + n) % 2].get(UNKNOWN_TASK).status_code for n in range(30)
+            ]
+
+        with ThreadPoolExecutor(40) as pool:
+            statuses = Counter(
+                s for some in pool.map(requests, range(40)) for s in some
+            )
+    assert set(statuses) == {404, 429}
+    assert 1000 - 2 * 9 <= statuses[404] <= 1000
+
+
+def test_an_unspent_block_is_the_stated_bound_and_is_spent_by_its_holder(
+    redis_url: str,
+) -> None:
+    # 500/minute: blocks of 5. The first app takes one block and spends 1 of it;
+    # the second is refused 4 short of the limit (the bound: block - 1), and the
+    # first may still spend those 4: the limit, exactly.
+    prefix = f"test:{uuid.uuid4().hex}"
+    apps = [
+        limited_app(redis_url, key_prefix=prefix, rate_limit_read="500/minute")
+        for _ in range(2)
+    ]
+    with TestClient(apps[0]) as holder, TestClient(apps[1]) as other:
+        assert holder.get(UNKNOWN_TASK).status_code == 404
+        admitted = 0
+        while (response := other.get(UNKNOWN_TASK)).status_code == 404:
+            admitted += 1
+        assert response.status_code == 429
+        assert admitted == 500 - 5
+        rest = [holder.get(UNKNOWN_TASK).status_code for _ in range(5)]
+    assert rest == [404] * 4 + [429]
