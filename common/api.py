@@ -76,7 +76,11 @@ IDEMPOTENCY_KEY_SCHEMA = {
 
 def idempotency_key(request: Request) -> str | None:
     """The Idempotency-Key header, refused with the 422 FastAPI would give."""
-    key = request.headers.get("idempotency-key")
+    return valid_idempotency_key(request.headers.get("idempotency-key"))
+
+
+def valid_idempotency_key(key: str | None) -> str | None:
+    """``key``, if a valid Idempotency-Key (or None); else RequestValidationError."""
     if key is None:
         return None
     if len(key) > IDEMPOTENCY_KEY_LENGTH:
@@ -161,8 +165,14 @@ async def create_task(body: TaskCreate, request: Request) -> Response:
     """Queue a task; answers at once, before it runs."""
     key = idempotency_key(request)
     task, created = await backend_of(request).submit(body, key)
-    location = {"Location": f"/tasks/{task.id}"}
-    return task_response(task, 202 if created else 200, location)
+    return submitted(task, created)
+
+
+def submitted(task: Task, created: bool) -> Response:
+    """POST /tasks's answer: 202 for a new task, 200 for a repeated key's first."""
+    return task_response(
+        task, 202 if created else 200, {"Location": f"/tasks/{task.id}"}
+    )
 
 
 @router.post(

@@ -13,13 +13,18 @@ from common.backend import BackendError
 log = logging.getLogger("taskman")
 
 
-async def _backend_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, BackendError)
+def backend_error_response(error: BackendError) -> JSONResponse:
+    """The answer to a backend's error: its status, its headers, its message."""
     return JSONResponse(
         {"detail": str(error) or type(error).__name__},
         status_code=error.status_code,
         headers=error.headers,
     )
+
+
+async def _backend_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, BackendError)
+    return backend_error_response(error)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

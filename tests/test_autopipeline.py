@@ -105,3 +105,34 @@ def test_execute_commands_answers_in_order(redis_url: str, count: int) -> None:
             )
 
     assert asyncio.run(main()) == [str(i).encode() for i in range(count)]
+
+
+def test_replies_are_parsed_as_redis_py_parses_them(redis_url: str) -> None:
+    async def main() -> list[Any]:
+        async with auto_pipeline(redis_url) as batch:
+            await batch.execute_command("HSET", "autopipeline:hash", "a", "1")
+            return await batch.execute_commands(
+                ("HGETALL", "autopipeline:hash"), ("ZSCORE", "autopipeline:no", "x")
+            )
+
+    assert asyncio.run(main()) == [{b"a": b"1"}, None]
+
+
+def test_a_connection_killed_between_batches_is_replaced_at_once(
+    redis_url: str,
+) -> None:
+    """The kept connection goes stale (Redis restarted, a failover, an idle
+    timeout): the next batch is sent again on a fresh one, not failed."""
+
+    async def main() -> tuple[int, int, bytes]:
+        async with auto_pipeline(redis_url) as batch:
+            first = await batch.execute_command("CLIENT", "ID")
+            redis.Redis.from_url(redis_url).execute_command(
+                "CLIENT", "KILL", "ID", first
+            )
+            again = await batch.execute_command("ECHO", "again")
+            second = await batch.execute_command("CLIENT", "ID")
+            return first, second, again
+
+    first, second, again = asyncio.run(main())
+    assert again == b"again" and second != first

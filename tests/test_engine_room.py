@@ -5,6 +5,7 @@ its worker calls which method); these tests are where an RQ upgrade that changes
 one of those fails, rather than a job.
 """
 
+import asyncio
 import json
 import math
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
 import phase2_queue
 import phase3_production
@@ -26,6 +28,7 @@ from common.listing import position
 from common.settings import Settings
 from phase2_queue.jobs import index_key, queue_names
 from phase3_production.enqueue import ENQUEUE
+from phase3_production.fastsubmit import FastSubmit
 from tests.conftest import submit, wait_for
 from tests.processes import drain_queue
 from tests.test_phase2 import start_worker
@@ -196,3 +199,106 @@ def test_the_worker_skips_round_trips_but_not_what_rq_tools_show(
         rq_cli(queue_settings, "resume")
         worker.kill()
         worker.wait()
+
+
+# --- the fast submit (fastsubmit.py): a valid POST /tasks answered in front of FastAPI
+
+ECHO = {"type": "echo", "payload": {"value": 1}}
+# Not exactly "application/json": FastAPI's route answers it, not the fast submit.
+BY_APP = {"Content-Type": "application/json; charset=utf-8"}
+
+
+def comparable_headers(response: Any) -> list[tuple[bytes, bytes]]:
+    """The raw header lines; the rate limit's changing counts left out."""
+    changing = (b"ratelimit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
+    return [(n, v) for n, v in response.headers.raw if n.lower() not in changing]
+
+
+def test_the_fast_submit_answers_as_the_app_does(queue_settings: Settings) -> None:
+    key = {"Idempotency-Key": f"fast-{uuid.uuid4().hex}"}
+    body = json.dumps(ECHO).encode()
+    with TestClient(phase3_production.create_app(queue_settings)) as client:
+        fast = client.post("/tasks", json=ECHO)
+        by_app = client.post("/tasks", content=body, headers=BY_APP)
+        first = client.post("/tasks", json=ECHO, headers=key)
+        again_fast = client.post("/tasks", json=ECHO, headers=key)
+        again_by_app = client.post("/tasks", content=body, headers={**BY_APP, **key})
+        scrape = client.get("/metrics").text
+    assert (fast.status_code, by_app.status_code, first.status_code) == (202,) * 3
+    tasks = [fast.json(), by_app.json()]
+    for task in tasks:
+        del task["id"], task["created_at"]
+    assert tasks[0] == tasks[1]
+    ids = [fast.json()["id"], by_app.json()["id"]]
+    assert [r.headers["location"] for r in (fast, by_app)] == [
+        f"/tasks/{i}" for i in ids
+    ]
+    assert [n for n, _ in comparable_headers(fast)] == [
+        n for n, _ in comparable_headers(by_app)
+    ]
+    # A repeated key answers the first task: the two paths, byte for byte.
+    assert again_fast.status_code == again_by_app.status_code == 200
+    assert again_fast.json()["id"] == first.json()["id"]
+    assert again_fast.content == again_by_app.content
+    assert comparable_headers(again_fast) == comparable_headers(again_by_app)
+    assert "ratelimit" in again_fast.headers
+    # The metrics cannot tell the paths apart: one route template.
+    line = 'taskman_http_requests_total{method="POST",route="/tasks",status="202"} 3.0'
+    assert line in scrape, scrape
+    drain_queue(queue_settings)
+
+
+def test_the_fast_submit_leaves_every_doubtful_request_to_the_app(
+    queue_settings: Settings,
+) -> None:
+    """What the app gets is what the client sent, however it was sent; the 4xx
+    are the app's (tests/test_bad_input.py holds them to the contract)."""
+    reached: list[tuple[bytes, bytes]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        reached.append((scope["method"].encode(), body))
+
+    fast = FastSubmit(app, max_body_bytes=100)
+
+    async def post(headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> None:
+        messages = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ]
+
+        async def receive() -> Message:
+            return messages.pop(0)
+
+        async def send(message: Message) -> None:
+            raise AssertionError(f"the fast submit answered: {message}")
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/tasks",
+            "query_string": b"",
+            "headers": headers,
+        }
+        await fast(scope, receive, send)
+
+    json_type = (b"content-type", b"application/json")
+    doubtful = [
+        ([json_type, (b"content-length", b"3")], [b"{", b"]}"]),  # not JSON
+        ([json_type, (b"content-length", b"2")], [b"[]"]),  # not a task
+        ([json_type, (b"content-length", b"101")], [b"x" * 101]),  # over the limit
+        ([json_type, (b"transfer-encoding", b"chunked")], [b'{"type"', b": 1}"]),
+        ([(b"content-type", b"text/plain"), (b"content-length", b"2")], [b"{}"]),
+        (
+            [json_type, (b"content-length", b"41"), (b"idempotency-key", b"\x01")],
+            [json.dumps(ECHO).encode()],
+        ),
+    ]
+    for headers, chunks in doubtful:
+        asyncio.run(post(headers, chunks))
+    assert reached == [(b"POST", b"".join(chunks)) for _, chunks in doubtful]

@@ -74,7 +74,7 @@ def record_batches(batch: AutoPipeline) -> list[list[tuple[Any, ...]]]:
     send = batch._send
 
     async def recording_send(waiting: Any) -> None:
-        sent.append([args for args, _ in waiting])
+        sent.append([args for commands, *_ in waiting for args in commands])
         await send(waiting)
 
     batch._send = recording_send  # type: ignore[method-assign]
