@@ -139,7 +139,15 @@ class Outbox:
         head = pending.args[:3] if pending else ["", "", ""]
         tail = pending.args[3:] if pending else []
         args = [*head, Job.redis_job_namespace_prefix, len(queues), *tail]
-        reply: Any = connection.register_script(OUTCOME_AND_TAKE)(keys=keys, args=args)
+        try:
+            reply: Any = connection.register_script(OUTCOME_AND_TAKE)(
+                keys=keys, args=args
+            )
+        except redis.RedisError:
+            # Sent again with the next try (RQ's dequeue retries). If it had
+            # landed, the claim now finds the job finished and refuses it.
+            self.pending = pending
+            raise
         if pending is not None:
             pending.settle(as_text(reply[0]))
         return list(reply[1:])
