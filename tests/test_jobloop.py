@@ -164,3 +164,35 @@ def test_a_success_canceled_before_it_is_reported_stays_canceled(
     assert job.get_status(refresh=True) == "canceled"
     assert connection.xlen(f"rq:results:{job.id}") == 0
     assert queue.started_job_registry.get_job_ids() == []
+
+
+def test_a_report_that_fails_is_sent_again_with_the_next_take(
+    settings: Settings,
+) -> None:
+    """Redis gone at the report: RQ's dequeue tries again, and the success goes
+    with that try (written once), not dropped for recovery to run the job again."""
+    connection = redis.Redis.from_url(str(settings.redis_url))
+    queue = task_queue(settings, connection)
+    jobs = [queue.enqueue("common.tasks.echo", kwargs={"value": i}) for i in (1, 2)]
+    worker = FastWorker(
+        [queue], connection=connection, serializer=JSONSerializer, job_class=TaskJob
+    )
+    worker.max_connection_wait_time = 0.1
+    reported = worker._outbox.run
+    failed = []
+
+    def fail_once(*args: Any, **kwargs: Any) -> list[Any]:
+        if worker._outbox.pending is not None and not failed:
+            failed.append(True)
+            raise redis.ConnectionError("gone for a moment")
+        return reported(*args, **kwargs)
+
+    worker._outbox.run = fail_once  # type: ignore[method-assign]
+    worker.work(burst=True, max_jobs=2, logging_level="WARNING")
+    assert failed
+    for job in jobs:
+        assert job.get_status(refresh=True) == "finished"
+        assert connection.xlen(f"rq:results:{job.id}") == 1
+        assert connection.hget(job.key, "attempts") == b"1"  # run once
+    assert queue.started_job_registry.get_job_ids() == []
+    assert queue.finished_job_registry.count == 2
