@@ -1,32 +1,49 @@
 """Engine room: phase 2's worker with fewer Redis round trips per job, and the
 outcome counts /metrics reads.
 
-RQ's loop makes ~20 round trips for a no-op job (rq 3.0), and they, not the job,
-set the pace of a worker. A start and each progress report also signal a stream
-of ours (FastJob), on which waits wake at once (the start in a pipeline already
-sent; progress in the same round trip as its HSET). The overrides below save 13 of them (measured in docs/phase3.md,
-"the engine room"); the jobs and what `rq info` and rq-dashboard show stay RQ's.
-What they cost: they lean on when RQ calls which method, so an RQ upgrade is
-checked by tests/test_engine_room.py (busy/idle states, `rq suspend`).
+RQ's loop makes ~21 round trips for a no-op job (rq 3.0), and they, not the job,
+set the pace of a worker. Here a job takes 2 (counted by
+tests/test_phase3_features.py, on one queue and on three; measured in
+docs/phase3.md, "the engine room"):
+1. one script reports the previous job's success (phase 2's outcome claim, then
+   RQ's own writes, replayed) and takes the next job with its hash (jobloop.py);
+2. one script starts it: RQ's two start pipelines' writes, replayed.
+A success waits for the next take, or for a flush before the worker waits on an
+empty queue, checks `rq suspend` or stops: microseconds in a busy loop. A
+failure, a retry, a run no longer ours and a job with dependents take phase 2's
+path (RQ's, behind the claim). The worker heartbeat goes at most once a second,
+`rq suspend` is checked once a second. A start and each progress report also
+signal a stream of ours (FastJob), on which waits wake at once.
+What it costs: it leans on when RQ calls which method and on RQ's success being
+only writes, so an RQ upgrade is checked by tests/test_jobloop.py (what a job
+leaves, against phase 2's plain worker) and tests/test_engine_room.py (busy/idle
+states, `rq suspend`); a worker killed between a success and its report leaves
+the job started, and recovery runs it again, as for a kill mid-job.
 """
 
+import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from rq import Queue
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.registry import BaseRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.utils import now
 from rq.worker import WorkerStatus
 
 from common.settings import Settings
 from phase2_queue import worker as phase2
 from phase2_queue.jobs import TYPES, TaskJob
+from phase3_production.jobloop import START, FastQueue, Outbox, Outcome, captured
 
 # Outcome counters ("succeeded:echo" -> n) for /metrics, written in the same
 # pipelines as RQ's own per-worker counts: no extra round trip.
+log = logging.getLogger("taskman")
+Registry = TypeVar("Registry", bound=BaseRegistry)
+
 OUTCOMES_KEY = "taskman:outcomes"
 # How long a task's change stream outlives its last entry: a wait reads it
 # within a second of each entry.
@@ -71,14 +88,36 @@ class FastJob(TaskJob):
             signal_change(pipe, self.id)
             pipe.execute()
 
+    # RQ builds a registry each time it names one (three times a job), and each
+    # build checks the serializer against a typing Protocol: ~10 % of a job's CPU.
+    # Built without it (no check), then given it: the same registry.
+    @property
+    def started_job_registry(self) -> StartedJobRegistry:
+        return self._registry(StartedJobRegistry)
+
+    @property
+    def finished_job_registry(self) -> FinishedJobRegistry:
+        return self._registry(FinishedJobRegistry)
+
+    def _registry(self, kind: type[Registry]) -> Registry:
+        registry = kind(self.origin, connection=self.connection, job_class=type(self))
+        registry.serializer = self.serializer
+        return registry
+
 
 class FastWorker(phase2.TaskWorker):
     """Phase 2's TaskWorker, trimmed of round trips, counting outcomes."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, queues: list[Queue], *args: Any, **kwargs: Any) -> None:
         # The class RQ builds each dequeued job as (Queue.dequeue_any's job_class).
         kwargs["job_class"] = FastJob
-        super().__init__(*args, **kwargs)
+        # Its take: one round trip (jobloop.py); RQ wants the queues of its class.
+        kwargs["queue_class"] = FastQueue
+        self._outbox = Outbox()  # a success to report in the next take
+        queues = [FastQueue.of(queue, self._outbox) for queue in queues]
+        super().__init__(queues, *args, **kwargs)
+        self._start: Any = None  # the start's writes, between its two halves
+        self._replay = self.connection.register_script(START)
         self._failure = "failed"
         self._task_type = "?"
         self._worker_beat_at = self._suspension_checked_at = -1.0
@@ -107,6 +146,98 @@ class FastWorker(phase2.TaskWorker):
     def _count(self, outcome: str, pipeline: Any) -> None:
         key = f"{outcome}:{self._task_type}"
         (pipeline or self.connection).hincrby(OUTCOMES_KEY, key, 1)
+
+    # --- a job in three round trips: take (FastQueue), start, outcome
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """RQ's (the execution, the worker busy), into the pipeline that
+        prepare_job_execution() sends: one round trip for the start, not two."""
+        self._start = self.connection.pipeline()
+        ttl = self.get_heartbeat_ttl(job)
+        execution = Execution.create(
+            job, ttl, pipeline=self._start, worker_name=self.name
+        )
+        self.executions[execution.id] = execution
+        self.set_state(WorkerStatus.BUSY, pipeline=self._start)
+        return execution
+
+    def prepare_job_execution(
+        self, job: Job, remove_from_intermediate_queue: bool = False
+    ) -> None:
+        """RQ's, in prepare_execution()'s pipeline; the job always leaves its
+        queue's intermediate list (the take put it there, on one queue or three)."""
+        pipeline, self._start = self._start or self.connection.pipeline(), None
+        with pipeline:  # never sent: replayed, in one script
+            ttl = self.get_heartbeat_ttl(job)
+            self.heartbeat(ttl, pipeline=pipeline)
+            job.heartbeat(now(), ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            intermediate = Queue(job.origin, connection=self.connection)
+            pipeline.lrem(intermediate.intermediate_queue_key, 1, job.id)
+            self._replay(args=captured(pipeline))
+
+    def handle_job_success(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: StartedJobRegistry,
+        execution: Execution,
+    ) -> None:
+        """RQ's success writes, reported with phase 2's claim in the round trip
+        that takes the next job (jobloop.py), or in a flush before the worker
+        waits or stops. The writes are RQ's (its handle_job_success, less the
+        WATCH and the dependents): a job that has dependents, repeats or a rate
+        limit takes phase 2's path, as does a run no longer ours, to let go of it."""
+        if job.repeats_left or job.has_rate_limit:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        with self.connection.pipeline() as writes:  # never sent
+            self.increment_successful_job_count(pipeline=writes)
+            assert job.ended_at and job.started_at
+            self.increment_total_working_time(job.ended_at - job.started_at, writes)
+            result_ttl = job.get_result_ttl(self.default_result_ttl)
+            if result_ttl != 0:
+                job._handle_success(
+                    result_ttl,
+                    pipeline=writes,
+                    worker_name=self.name,
+                    execution_id=execution.id,
+                    execution_started_at=execution.created_at,
+                    execution_ended_at=job.ended_at,
+                )
+            job.cleanup(result_ttl, pipeline=writes, remove_from_queue=False)
+            self.cleanup_execution(job, pipeline=writes, execution=execution)
+            keys = [
+                job.key,
+                queue.started_job_registry.key,
+                queue.canceled_job_registry.key,
+                job.dependents_key,
+            ]
+            args = [self.name, execution.composite_key, job.id, *captured(writes)]
+
+        def refused() -> None:  # not written: phase 2's path claims again
+            phase2.TaskWorker.handle_job_success(
+                self, job, queue, started_job_registry, execution
+            )
+
+        self._report()  # never two pending
+        self._outbox.pending = Outcome(keys, args, refused)
+        job._status = JobStatus.FINISHED
+        self.log.info("Successfully completed job %s on worker %s", job.id, self.name)
+
+    def _report(self) -> None:
+        """Send the pending success, if any, in a round trip of its own."""
+        if self._outbox.pending is not None:
+            self._outbox.run(self.connection)
+
+    def teardown(self) -> None:
+        try:
+            self._report()
+        except redis.RedisError as error:
+            # Its job stays started; its heartbeat expires, and recovery requeues it.
+            log.warning("the last job's outcome was not written: %s", error)
+        super().teardown()  # type: ignore[no-untyped-call]
 
     # --- fewer round trips per job
 
@@ -155,6 +286,7 @@ class FastWorker(phase2.TaskWorker):
         """RQ's check for `rq suspend`, at most once a second, not before every job."""
         if time.monotonic() - self._suspension_checked_at < 1:
             return
+        self._report()  # a suspended worker waits: not with an outcome unsent
         super().check_for_suspension(burst)
         self._suspension_checked_at = time.monotonic()
 

@@ -399,10 +399,11 @@ def test_the_worker_keeps_its_round_trips_per_job_on_three_queues(
     queue_settings: Settings, queues: int
 ) -> None:
     """The worker's start and stop cost the same for 10 jobs as for 30: the
-    difference over 20 is what a job costs. RQ's own worker: ~21 (docs/phase3.md)."""
+    difference over 20 is what a job costs: 2 (a take that reports the job
+    before, a start). RQ's own worker: ~21 (docs/phase3.md)."""
     per_job = (
         round_trips(queue_settings, 30, queues)
         - round_trips(queue_settings, 10, queues)
     ) / 20
     print(f"worker round trips per job on {queues} queue(s): {per_job:.1f}")
-    assert per_job <= 9
+    assert per_job <= 3  # 2, and ~3 a second: heartbeat, `rq suspend`, keeper
