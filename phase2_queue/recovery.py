@@ -227,10 +227,13 @@ class RecoveringWorker(SimpleWorker):
 
     @contextmanager
     def _maintenance_lock(self, queue: Queue) -> Iterator[bool]:
-        """RQ's clean-up lock, for 30 s rather than RQ's 899: a worker killed while
-        cleaning would otherwise stop every clean-up for 15 minutes."""
+        """RQ's clean-up lock, for two heartbeat TTLs rather than RQ's 899 s: a
+        worker killed while cleaning, or one that lost Redis before its release
+        (a failover: tests/test_failover.py), would otherwise stop every clean-up,
+        and with it every rescue, for 15 minutes. A clean-up takes milliseconds."""
         key = queue.registry_cleaning_key
-        ours = bool(self.connection.set(key, self.name, nx=True, ex=30))
+        ttl = 2 * self.heartbeat_ttl
+        ours = bool(self.connection.set(key, self.name, nx=True, ex=ttl))
         try:
             yield ours
         finally:

@@ -156,19 +156,26 @@ class AutoPipeline:
     async def _exchange(
         self, connection: AbstractConnection, commands: list[tuple[Any, ...]]
     ) -> list[Any]:
-        await connection.connect()  # type: ignore[no-untyped-call]  # at once when connected
-        await connection.send_packed_command(connection.pack_commands(commands))
-        callbacks = self._redis.response_callbacks
-        replies: list[Any] = []
-        for args in commands:
-            try:
-                reply = await connection.read_response()
-            except ResponseError as error:
-                replies.append(error)
-                continue
-            callback = callbacks.get(args[0])  # e.g. HGETALL's list to a dict
-            replies.append(reply if callback is None else callback(reply))
-        return replies
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]  # at once when connected
+            await connection.send_packed_command(connection.pack_commands(commands))
+            callbacks = self._redis.response_callbacks
+            replies: list[Any] = []
+            for args in commands:
+                try:
+                    reply = await connection.read_response()
+                except ResponseError as error:
+                    replies.append(error)
+                    continue
+                callback = callbacks.get(args[0])  # e.g. HGETALL's list to a dict
+                replies.append(reply if callback is None else callback(reply))
+            return replies
+        except RuntimeError as error:
+            # asyncio's "unable to perform operation on <TCPTransport closed=True>;
+            # the handler is closed": a connection closed under redis-py as it
+            # (re)connected, seen in a Sentinel failover (tests/test_failover.py).
+            # A lost connection like any other, so a 503, not a 500.
+            raise RedisConnectionError(f"connection lost: {error}") from error
 
     async def aclose(self) -> None:
         """Let batches already sent finish, so no caller is left waiting; then

@@ -40,13 +40,16 @@ from phase2_queue.jobs import (
     queue_name,
 )
 from phase3_production.autopipeline import AutoPipeline
+from phase3_production.jobloop import wake_key
 
 # SET NX the idempotency key, then for each job: write its hash, push its id (or
-# schedule it), index it. KEYS: the idempotency key ('' for none), the index, then
-# per job its hash, where it goes (its queue's list, or that queue's scheduled
-# registry) and its queue's list. ARGV: the idempotency record and its TTL, then
-# per job its id, its index member, its due timestamp ('' for now), the number of
-# its hash's fields and values, and those, flat. redis-py sends a call again when
+# schedule it) and wake the idle workers of its queue (once a call: jobloop.py's
+# wake stream), index it. KEYS: the idempotency key ('' for none), the index,
+# then per job its hash, where it goes (its queue's list, or that queue's
+# scheduled registry), its queue's list and its queue's wake stream. ARGV: the
+# idempotency record and its TTL, then per job its id, its index member, its due
+# timestamp ('' for now), the number of its hash's fields and values, and those,
+# flat. redis-py sends a call again when
 # its connection fails, even if the first one reached Redis: a first job that
 # exists is such a repeat (the script is atomic: then they all do), and pushing
 # again would run them twice. (Ids are random: a new one never exists.)
@@ -58,12 +61,17 @@ if KEYS[1] ~= '' then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
 local a = 3
-for k = 3, #KEYS, 3 do
+local woken = {}
+for k = 3, #KEYS, 4 do
   local count = tonumber(ARGV[a + 3])
   redis.call('HSET', KEYS[k], unpack(ARGV, a + 4, a + 3 + count))
   redis.call('SADD', 'rq:queues', KEYS[k + 2])
   if ARGV[a + 2] == '' then
     redis.call('RPUSH', KEYS[k + 1], ARGV[a])
+    if not woken[KEYS[k + 3]] then
+      redis.call('XADD', KEYS[k + 3], 'MAXLEN', '1', '*', 'n', '1')
+      woken[KEYS[k + 3]] = true
+    end
   else
     redis.call('ZADD', KEYS[k + 1], ARGV[a + 2], ARGV[a])
   end
@@ -123,7 +131,7 @@ class Enqueue:
             fields = self.job_hash(task)
             due = "" if task.run_at is None else _timestamp(task)
             where = f"rq:queue:{queue}" if due == "" else f"rq:scheduled:{queue}"
-            keys += (f"rq:job:{task.id}", where, f"rq:queue:{queue}")
+            keys += (f"rq:job:{task.id}", where, f"rq:queue:{queue}", wake_key(queue))
             args += (task.id, position(task.id, task.created_at), due, len(fields))
             args += fields
         command = ("EVALSHA", self._sha, len(keys), *keys, *args)

@@ -6,7 +6,8 @@ MULTI/EXEC, so none is ever half written.
    first non-empty queue (high, normal, low) to RQ's intermediate list of that
    queue, and returns the job's hash with it. RQ's own: LMOVE (or BLPOP on
    several queues, which puts the job nowhere while it is taken) and HGETALL.
-   When every queue is empty the worker blocks in RQ's own dequeue, as before.
+   When every queue is empty the worker blocks on the wake stream (below), not
+   in RQ's BLPOP: a job is never off every list before its start is written.
 2. start (worker.py): RQ's two start pipelines (the execution and the worker's
    busy state; the job's start) in one MULTI/EXEC.
 3. outcome (run_outcome, below): the outcome claim (phase 2's CLAIM) and RQ's
@@ -21,17 +22,41 @@ pipeline, not a value) and it touches keys it is not passed (fine on one
 Redis or Sentinel, which is what taskman supports, not on Redis Cluster).
 tests/test_engine_room.py holds the job's hash, its result and the registries
 after a run to what phase 2's plain RQ worker leaves.
+
+The wait of an idle worker. RQ's worker, on three queues, blocks in BLPOP, which
+takes the id off its queue and puts it nowhere until the worker writes its start:
+a worker killed in between, or a Sentinel failover that replicated the pop but
+not the start, leaves a job ``queued`` on no list, which nothing ever runs (seen
+in tests/test_failover.py). Redis cannot block on a list without popping it, so
+phase 3's enqueue (enqueue.py) also adds an entry to a stream, the wake stream,
+and an idle worker blocks in XREAD on its queues', then takes with the script above,
+which moves the id atomically. A job pushed by anyone else (RQ's scheduler moving
+a due or retried job, a stock ``rq enqueue``) wakes no one: an idle worker takes
+it within WAKE_POLL_SECONDS. Every idle worker wakes for each push and all but
+one find nothing: one script call each, only while they are idle.
 """
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import DequeueTimeout
 from rq.job import Job, parse_job_id
 from rq.utils import as_text
 
 from phase2_queue.worker import CLAIM
+
+# The longest an idle worker blocks on the wake stream before it looks at the
+# queues again: how late it takes a job that was pushed without a wake.
+WAKE_POLL_SECONDS = 1.0
+
+
+def wake_key(queue_name: str) -> str:
+    """A queue's wake stream: one entry, replaced by each enqueue on the queue."""
+    return f"taskman:wake:{queue_name}"
+
 
 # Runs the writes in ARGV from ARGV[first]: each as its length, then its words.
 REPLAY = """
@@ -53,10 +78,12 @@ START = REPLAY + "replay(1)"
 # 1-3 and ARGV 1-3 as CLAIM's (ARGV[1] empty: no outcome to report); KEYS[4]: the
 # job's dependents (RQ enqueues them on success: then the worker takes RQ's own
 # path, and this writes nothing); ARGV[6:]: the writes.
-# Take: ARGV[5] queues, the last 2 * ARGV[5] KEYS (the queues in order, then their
-# intermediate lists); ARGV[4]: RQ's job key prefix. The id moves to the
-# intermediate list and the job's hash comes back with it; an id whose job is
-# gone is dropped, as RQ's dequeue skips it.
+# Take: ARGV[5] queues, the last 3 * ARGV[5] KEYS (the queues in order, their
+# intermediate lists, their wake streams); ARGV[4]: RQ's job key prefix. The id
+# moves to the intermediate list and the job's hash comes back with it, and the
+# queue's number; an id whose job is gone is dropped, as RQ's dequeue skips it.
+# Every queue empty: number 0, and the id of each wake stream's last entry, for
+# the worker to block after them.
 OUTCOME_AND_TAKE = f"""
 local function claim()
 {CLAIM}
@@ -71,7 +98,7 @@ local function report()
 end
 local verdict = report()
 local n = tonumber(ARGV[5])
-local first = #KEYS - 2 * n
+local first = #KEYS - 3 * n
 for i = 1, n do
   local queue, intermediate = KEYS[first + i], KEYS[first + n + i]
   while true do
@@ -82,7 +109,12 @@ for i = 1, n do
     redis.call('LREM', intermediate, 1, id)
   end
 end
-return {{verdict}}
+local seen = {{}}
+for i = 1, n do
+  local last = redis.call('XREVRANGE', KEYS[first + 2 * n + i], '+', '-', 'COUNT', 1)
+  seen[i] = last[1] and last[1][1] or '0-0'
+end
+return {{verdict, 0, seen}}
 """
 
 
@@ -130,12 +162,16 @@ class Outbox:
         queues: Sequence[Queue] = (),
     ) -> list[Any]:
         """OUTCOME_AND_TAKE with what is pending and ``queues``; its reply, less
-        the verdict, which it settles."""
+        the verdict, which it settles: the job taken (its queue's number from 1,
+        its id, its hash), or 0 and the id of each wake stream's last entry."""
         pending, self.pending = self.pending, None
         keys = pending.keys if pending else []
-        keys = (
-            keys + [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
-        )
+        keys = [
+            *keys,
+            *(q.key for q in queues),
+            *(q.intermediate_queue_key for q in queues),
+            *(wake_key(q.name) for q in queues),
+        ]
         head = pending.args[:3] if pending else ["", "", ""]
         tail = pending.args[3:] if pending else []
         args = [*head, Job.redis_job_namespace_prefix, len(queues), *tail]
@@ -183,16 +219,21 @@ class FastQueue(Queue):
     ) -> tuple[Job, Queue] | None:
         listened = list(queues)
         outbox = getattr(listened[0], "outbox", None) or Outbox()
+        reported = outbox.pending is not None
         taken = outbox.run(connection, listened)
-        if not taken:  # every queue empty: RQ's blocking wait (or none, burst)
-            return super().dequeue_any(
-                listened,
-                timeout,
-                connection,
-                job_class,
-                serializer,
-                death_penalty_class,
-            )
+        if taken[0] == 0 and reported:  # the report may have queued dependents
+            taken = outbox.run(connection, listened)
+        deadline = time.monotonic() + (timeout or 0)
+        while taken[0] == 0:  # every queue empty: wait for a wake (or a poll)
+            left = deadline - time.monotonic()
+            if timeout is None:
+                return None  # burst: as RQ's, no wait
+            if left <= 0:
+                raise DequeueTimeout(timeout, [q.key for q in listened])
+            seen = zip((wake_key(q.name) for q in listened), taken[1], strict=True)
+            block = max(1, int(min(left, WAKE_POLL_SECONDS) * 1000))
+            connection.xread(dict(seen), count=1, block=block)
+            taken = outbox.run(connection, listened)
         index, job_id, flat = taken
         queue = listened[index - 1]
         job_id = as_text(job_id)

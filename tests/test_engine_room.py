@@ -29,6 +29,7 @@ from common.settings import Settings
 from phase2_queue.jobs import index_key, queue_names
 from phase3_production.enqueue import ENQUEUE
 from phase3_production.fastsubmit import FastSubmit
+from phase3_production.jobloop import wake_key
 from tests.conftest import submit, wait_for
 from tests.processes import drain_queue
 from tests.test_phase2 import start_worker
@@ -145,7 +146,8 @@ def test_an_enqueue_sent_twice_queues_the_task_once(queue_settings: Settings) ->
     index = index_key(queue_settings)
     member = position(task["id"], datetime.fromisoformat(task["created_at"]))
     flat = [item for pair in connection.hgetall(job_key).items() for item in pair]
-    keys = ["", index, job_key, queue_key, queue_key]
+    wake = wake_key(queue_settings.queue_name)
+    keys = ["", index, job_key, queue_key, queue_key, wake]
     args = [f" {task['id']}", 60, task["id"], member, "", len(flat), *flat]
     again = connection.eval(ENQUEUE, len(keys), *keys, *args)
     assert again is None

@@ -3,18 +3,22 @@ its success written by a script that replays RQ's writes and reported in the
 round trip that takes the next job. What it leaves in Redis must be what phase
 2's plain RQ worker leaves, for `rq` tools, rq-dashboard and the API to read."""
 
+import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
 import redis
 from rq import Queue
+from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from common.settings import Settings
 from phase2_queue.jobs import TaskJob, task_queue, task_queues
 from phase2_queue.worker import TaskWorker
+from phase3_production.jobloop import FastQueue, Outbox, wake_key
 from phase3_production.worker import OUTCOMES_KEY, FastWorker
 
 # Fields that differ between any two runs: moments, names, ids.
@@ -196,3 +200,54 @@ def test_a_report_that_fails_is_sent_again_with_the_next_take(
         assert connection.hget(job.key, "attempts") == b"1"  # run once
     assert queue.started_job_registry.get_job_ids() == []
     assert queue.finished_job_registry.count == 2
+
+
+def test_an_idle_worker_takes_a_job_into_the_intermediate_list(
+    settings: Settings,
+) -> None:
+    """Woken by phase 3's enqueue, the idle take moves the id to RQ's
+    intermediate list, atomically: never off every list before its start (RQ's
+    BLPOP on three queues is; a kill or a failover there strands the job)."""
+    connection = redis.Redis.from_url(str(settings.redis_url))
+    queues = [FastQueue.of(q, Outbox()) for q in task_queues(settings, connection)]
+    normal = queues[1]
+    job = Job.create(
+        "common.tasks.echo", connection=connection, serializer=JSONSerializer
+    )
+    job.save()
+
+    def push_and_wake() -> None:
+        time.sleep(0.3)  # the worker is blocked by then
+        with connection.pipeline() as pipe:
+            pipe.rpush(normal.key, job.id)
+            pipe.xadd(wake_key(normal.name), {"n": 1}, maxlen=1)
+            pipe.execute()
+
+    pusher = threading.Thread(target=push_and_wake)
+    pusher.start()
+    taken = FastQueue.dequeue_any(queues, timeout=20, connection=connection)
+    pusher.join()
+    assert taken is not None
+    assert taken[0].id == job.id and taken[1].name == normal.name
+    assert connection.lrange(normal.intermediate_queue_key, 0, -1) == [job.id.encode()]
+    assert connection.llen(normal.key) == 0
+
+
+def test_an_idle_worker_takes_a_job_pushed_without_a_wake(settings: Settings) -> None:
+    """A stock RQ enqueue wakes no one: the idle worker finds the job on its next
+    look (WAKE_POLL_SECONDS), well within its dequeue timeout."""
+    connection = redis.Redis.from_url(str(settings.redis_url))
+    queues = [FastQueue.of(q, Outbox()) for q in task_queues(settings, connection)]
+    threading.Timer(0.3, lambda: queues[2].enqueue("common.tasks.echo", 1)).start()
+    taken = FastQueue.dequeue_any(queues, timeout=20, connection=connection)
+    assert taken is not None and taken[1].name == queues[2].name
+
+
+def test_an_idle_take_with_nothing_to_take(settings: Settings) -> None:
+    """Burst (no timeout): None at once, as RQ's; else DequeueTimeout when the
+    timeout passes, which RQ's worker loop expects."""
+    connection = redis.Redis.from_url(str(settings.redis_url))
+    queues = [FastQueue.of(q, Outbox()) for q in task_queues(settings, connection)]
+    assert FastQueue.dequeue_any(queues, timeout=None, connection=connection) is None
+    with pytest.raises(DequeueTimeout):
+        FastQueue.dequeue_any(queues, timeout=1, connection=connection)
