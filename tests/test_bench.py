@@ -49,6 +49,8 @@ def test_bench_quick_measures_every_phase_and_leaves_no_process(tmp_path: Path) 
     assert figures["phase3"]["post"]["cpu_us"] > 0
     assert figures["phase3"]["get"]["cpu_us"] > 0
     assert figures["phase3"]["get"]["rps"] > 0
+    assert figures["phase3"]["get_unfinished"]["rps"] > 0  # what the cache can't keep
+    assert "| GET /tasks/{id} of an unfinished task" in output
     # What durability means: phase 1 loses what it held, the queue phases nothing.
     assert figures["phase1"]["durability"]["lost"] > 0
     assert figures["phase2"]["durability"]["lost"] == 0

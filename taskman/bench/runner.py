@@ -24,6 +24,7 @@ from taskman.bench.figures import (
     finished_task,
     loop_figures,
     service,
+    unfinished_task,
     worker_rate,
     workers,
 )
@@ -88,7 +89,7 @@ def run(
             results[f"phase{phase}"] = {}
             if not http:
                 continue
-            step(f"phase {phase}: POST, GET, echo latency")
+            step(f"phase {phase}: POST, batch, GET, wait and echo latency")
             env = {
                 "TASKMAN_REDIS_URL": redis_url,
                 "TASKMAN_MAX_QUEUED": "1000000",
@@ -107,9 +108,11 @@ def run(
                     echo = echo_latency(url, max(50, jobs // 10))
                     waited = wait_latency(url, max(30, jobs // 20))
                 get = load(f"{url}/tasks/{task_id}", seconds, pid=pid)
+                pending = load(f"{url}/tasks/{unfinished_task(url)}", seconds, pid=pid)
             results[f"phase{phase}"] = {
                 "post": asdict(post),
                 "get": asdict(get),
+                "get_unfinished": asdict(pending),
                 "echo_p50_ms": echo[0],
                 "echo_p99_ms": echo[1],
                 "wait_p50_ms": waited[0],

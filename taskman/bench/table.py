@@ -30,6 +30,19 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['post']['p50_ms']} / {r['post']['p99_ms']} | {r['get']['rps']:.0f} | {_cpu(r['get'])} | "
                 f"{ratio(r['get']['rps'], bg['rps'])} | {r['echo_p50_ms']} / {r['echo_p99_ms']} |"
             )
+    pending = [k for k in measured if "get_unfinished" in results[k]]
+    if pending:
+        bg = results["baseline_get"]
+        lines += [
+            "",
+            "| | GET /tasks/{id} of an unfinished task req/s | CPU µs/req | vs bare GET |",
+            "|---|---|---|---|",
+        ]
+        for key in pending:
+            u = results[key]["get_unfinished"]
+            lines.append(
+                f"| {key} | {u['rps']:.0f} | {_cpu(u)} | {ratio(u['rps'], bg['rps'])} |"
+            )
     waited = [
         k for k in ("phase1", "phase2", "phase3") if "batch" in results.get(k, {})
     ]
