@@ -21,7 +21,12 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import (
+    CoreSchema,
+    PydanticCustomError,
+    PydanticSerializationError,
+    to_json,
+)
 
 from common.tasks import MAX_TEXT, TASKS
 
@@ -146,14 +151,20 @@ class TaskCreate(BaseModel):
                 # ascii(): a lone surrogate in the name must not break the message.
                 {"type": ascii(self.type[:64]), "known": ", ".join(TASKS)},
             )
+        # JSON may smuggle in lone surrogates ("\ud800"): text no worker could
+        # encode, store or hash. Refuse it here, once, for every type. pydantic's
+        # to_json (~0.3 µs for an echo's payload against json.dumps' ~4, a batch
+        # of 100 validates 100) cannot encode one; when it fails, for that or
+        # another reason (nesting past its depth limit), json.dumps decides.
         try:
-            # JSON may smuggle in lone surrogates ("\ud800"): text no worker could
-            # encode, store or hash. Refuse it here, once, for every type.
-            json.dumps(self.payload, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise PydanticCustomError(
-                "invalid_text", "payload holds text that is not valid Unicode"
-            ) from None
+            to_json(self.payload)
+        except PydanticSerializationError:
+            try:
+                json.dumps(self.payload, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise PydanticCustomError(
+                    "invalid_text", "payload holds text that is not valid Unicode"
+                ) from None
         try:
             model = task_type.payload.model_validate(self.payload)
         except ValidationError as error:

@@ -2,6 +2,7 @@
 queue depth, rate-limit refusals and cache hits, in a registry of the app's own.
 """
 
+import collections
 import logging
 import math
 import time
@@ -97,9 +98,9 @@ class Metrics:
         self._outcomes_source: Callable[[], dict[str, float]] | None = None
         self.registry.register(_Outcomes(self))
 
-    def count_task(self, event: TaskEvent, task_type: str) -> None:
-        """One task event: CountedBackend calls this as it learns of each."""
-        self.tasks.labels(event, task_type).inc()
+    def count_task(self, event: TaskEvent, task_type: str, count: int = 1) -> None:
+        """``count`` task events: CountedBackend calls this as it learns of them."""
+        self.tasks.labels(event, task_type).inc(count)
 
     def count_rate_limited(self, limit: str) -> None:
         """The ``on_limited`` hook of :class:`~phase3_production.ratelimit.RateLimit`."""
@@ -156,9 +157,9 @@ class CountedBackend:
         """Each task of a new batch counts in taskman_tasks_total, as if POSTed
         alone; an idempotent repeat counts none."""
         tasks, created = await self._inner.submit_many(requests, idempotency_key)
-        if created:
-            for task in tasks:
-                self._metrics.count_task("submitted", task.type)
+        if created:  # one count a type, not a task: labels() costs ~3 µs a call
+            for task_type, count in collections.Counter(t.type for t in tasks).items():
+                self._metrics.count_task("submitted", task_type, count)
         return tasks, created
 
     async def get(self, task_id: str) -> Task | None:

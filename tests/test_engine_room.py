@@ -148,7 +148,7 @@ def test_an_enqueue_sent_twice_queues_the_task_once(queue_settings: Settings) ->
     flat = [item for pair in connection.hgetall(job_key).items() for item in pair]
     wake = wake_key(queue_settings.queue_name)
     keys = ["", index, job_key, queue_key, queue_key, wake]
-    args = [f" {task['id']}", 60, task["id"], member, "", len(flat), *flat]
+    args = [f" {task['id']}", 60, 0, task["id"], member, "", len(flat), *flat]
     again = connection.eval(ENQUEUE, len(keys), *keys, *args)
     assert again is None
     queued = connection.lrange(queue_key, 0, -1)

@@ -224,7 +224,9 @@ def test_events_stream_each_change_then_close_at_the_end(client: TestClient) -> 
     assert statuses[0] in ("queued", "running")
     assert statuses[-1] == "succeeded" and "succeeded" not in statuses[:-1]
     progress = [data["progress"]["done"] for _, _, data in events if data["progress"]]
-    assert len(progress) >= 3, events  # ~0.2 s apart over a second or so of hashing
+    # Reported ~0.2 s apart over a second or so of hashing; phase 2's stream reads
+    # the job 4 times a second, so a busy machine may show only one before the end.
+    assert len(progress) >= 2, events
     assert progress == sorted(progress)
     assert events[-1][2]["progress"] == {
         "done": 1_000_000,
