@@ -6,22 +6,20 @@ documentation shows it. Nothing lives in the API process, so a restart loses no
 task, and stock ``rq`` tools and rq-dashboard see every job.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from itertools import groupby
 from typing import Any, TypeVar, cast
 
 import anyio
 import redis
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat, utcparse
 
-from common.backend import BackendUnavailable, IdempotencyConflict, TaskFinished
+from common.backend import IdempotencyConflict, TaskFinished
 from common.listing import TaskQuery, position
 from common.models import (
     BatchCreate,
@@ -43,6 +41,7 @@ from phase2_queue.jobs import (
     task_queue,
 )
 from phase2_queue.listing import read_page, read_tasks
+from phase2_queue.outages import unavailable_when_redis_is_down
 from phase2_queue.reading import (
     STATUSES,
     UNREADABLE,
@@ -59,7 +58,6 @@ __all__ = [
     "live_workers",
     "not_a_task",
     "to_task",
-    "unavailable_when_redis_is_down",
 ]
 
 # A wait blocks on RQ's results stream, which only an attempt's end writes, in
@@ -396,36 +394,3 @@ def _transaction(connection: redis.Redis, once: Callable[[Any], T], key: str) ->
     the key did not change meanwhile; ``once``'s value (redis-py types it None)."""
     value = connection.transaction(once, key, value_from_callable=True)  # type: ignore[arg-type]
     return cast(T, value)
-
-
-# Redis is up but will not write: out of memory (maxmemory, noeviction), a read-only
-# replica, or unable to persist (MISCONF: its disk is full).
-REFUSING_WRITES = "the queue (Redis) refuses writes for now; retry shortly"
-AUTHENTICATION_FAILED = (
-    "the queue (Redis) refused our credentials: authentication failed "
-    "(check the user and password of TASKMAN_REDIS_URL)"
-)
-
-
-@contextmanager
-def unavailable_when_redis_is_down() -> Iterator[None]:
-    """503 (with Retry-After) for a Redis that is away, or there but refusing."""
-    try:
-        yield
-    # Before ConnectionError, whose subclass it is: a wrong password is no outage,
-    # and whoever reads the 503 should know which to fix. Never the URL itself.
-    except (
-        redis.AuthenticationError,
-        redis.AuthenticationWrongNumberOfArgsError,
-    ) as error:
-        raise BackendUnavailable(AUTHENTICATION_FAILED) from error
-    except (redis.ConnectionError, redis.TimeoutError) as error:
-        raise BackendUnavailable(
-            "the queue (Redis) is unreachable; retry shortly"
-        ) from error
-    except (OutOfMemoryError, ReadOnlyError) as error:
-        raise BackendUnavailable(REFUSING_WRITES) from error
-    except redis.ResponseError as error:
-        if str(error).startswith(("MISCONF", "NOREPLICAS")):
-            raise BackendUnavailable(REFUSING_WRITES) from error
-        raise  # anything else is a bug of ours: a 500, and a traceback in the log

@@ -29,9 +29,9 @@ from phase2_queue.backend import (
     live_workers,
     not_a_task,
     to_task,
-    unavailable_when_redis_is_down,
 )
 from phase2_queue.jobs import TaskJob, queue_names
+from phase2_queue.outages import unavailable_when_redis_is_down
 from phase2_queue.replicas import wait_command
 from phase3_production.autopipeline import AutoPipeline
 from phase3_production.enqueue import Enqueue

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from common.backend import BackendUnavailable, TaskBackend
 from common.listing import TaskQuery
 from common.models import Task, TaskCreate, TaskPage
-from phase2_queue.backend import unavailable_when_redis_is_down
+from phase2_queue.outages import unavailable_when_redis_is_down
 from phase3_production.autopipeline import AutoPipeline
 
 # Bounded staleness of the in-process layer (the contract allows 2 s).

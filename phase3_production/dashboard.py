@@ -34,8 +34,8 @@ from werkzeug.exceptions import HTTPException
 
 from common.backend import BackendUnavailable
 from common.settings import Settings
-from phase2_queue.backend import unavailable_when_redis_is_down
 from phase2_queue.jobs import connect
+from phase2_queue.outages import unavailable_when_redis_is_down
 
 log = logging.getLogger("taskman")
 

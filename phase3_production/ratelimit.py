@@ -11,7 +11,6 @@ count every request in Redis, exactly.
 """
 
 import asyncio
-import ipaddress
 import logging
 import math
 import time
@@ -36,13 +35,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.settings import Settings
 from phase3_production.allowance import Allowances, block_size
 from phase3_production.autopipeline import AutoPipeline
+from phase3_production.client_keys import ClientKeys
 from phase3_production.redis_client import connect_async
 
 log = logging.getLogger("taskman")
 
 Kind = Literal["submit", "read"]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 STRATEGIES: dict[str, type[RateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
@@ -143,9 +141,7 @@ class RateLimit:
         self.fail_closed = settings.rate_limit_fail_mode == "closed"
         self.on_limited = on_limited
         self.warn_every = warn_every
-        self.trusted: list[IPNetwork] = [
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        ]
+        self._clients = ClientKeys(settings.trusted_proxies, MEMO_SIZE)
         self.policies: dict[Kind, list[Policy]] = {
             "submit": _policies("submit", parse_limits(settings.rate_limit_submit)),
             "read": _policies("read", parse_limits(settings.rate_limit_read)),
@@ -175,7 +171,6 @@ class RateLimit:
         self._allowances = Allowances(self._redis, self._batch)
         # Memos of what is the same for every request of a client.
         self._fields: dict[tuple[str, ...], str] = {}
-        self._peers: dict[str, str] = {}
         self._keys: dict[tuple[str, str, str], str] = {}
         self._down_until = 0.0
         self._last_warning = -math.inf
@@ -352,39 +347,8 @@ class RateLimit:
         return field
 
     def client_key(self, scope: Scope) -> str:
-        """Who is asking: the peer, or what our trusted proxies say the peer was."""
-        peer = (scope.get("client") or ("",))[0]
-        if not self.trusted:
-            # The peer alone decides: parsed once per peer (a bounded memo).
-            key = self._peers.get(peer)
-            if key is None:
-                if len(self._peers) >= MEMO_SIZE:
-                    self._peers.clear()
-                key = self._peers[peer] = _key(_parse_ip(peer), peer)
-            return key
-        address = _parse_ip(peer)
-        if address is None or not self._is_trusted(address):
-            return _key(address, peer)
-        # Each proxy appends the address it got the request from, so the right-most
-        # entry that is not one of ours is the client. Whatever is left of it came
-        # from the client itself and may be made up.
-        forwarded = [
-            entry.strip()
-            for name, value in scope["headers"]
-            if name == b"x-forwarded-for"
-            for entry in value.decode("latin-1").split(",")
-            if entry.strip()
-        ]
-        for entry in reversed(forwarded):
-            hop = _parse_ip(entry)
-            if hop is None or not self._is_trusted(hop):
-                return _key(hop, entry)
-        if forwarded:  # every hop is ours: the first one is as close as we get
-            return _key(_parse_ip(forwarded[0]), forwarded[0])
-        return _key(address, peer)
-
-    def _is_trusted(self, address: IPAddress) -> bool:
-        return any(address in network for network in self.trusted)
+        """Who is asking (client_keys.py): the key its counts are kept under."""
+        return self._clients.of(scope)
 
     def _warn(self, error: BaseException) -> None:
         # One line per warn_every seconds, not one per request: Redis being down
@@ -446,30 +410,6 @@ def _kind(scope: Scope) -> Kind | None:
     if path == "/tasks" or path.startswith("/tasks/"):
         return "read"
     return None
-
-
-def _parse_ip(text: str) -> IPAddress | None:
-    text = text.strip()
-    if text.startswith("["):  # "[2001:db8::1]:443", as some proxies write it
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:  # "203.0.113.5:4711"
-        text = text.partition(":")[0]
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _key(address: IPAddress | None, raw: str) -> str:
-    if address is None:
-        return raw[:64] or "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # "::ffff:203.0.113.5" is that IPv4 host
-            return str(address.ipv4_mapped)
-        # One IPv6 host usually holds a whole /64 and can hop between its
-        # addresses at will: count the /64.
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 async def _json(
