@@ -10,10 +10,12 @@ compares it in memory. The client sees it base64-encoded: opaque, and checked.
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
-from common.models import Task, TaskStatus
+from common.models import Task, TaskPage, TaskStatus
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -76,3 +78,35 @@ def decode_cursor(cursor: str) -> str:
     if not _POSITION.fullmatch(text):
         raise BadCursor("cursor is not one this API gave out")
     return text
+
+
+class Missing(Enum):
+    GONE = "gone"  # an index entry whose job has expired (or was deleted)
+
+
+GONE = Missing.GONE
+
+
+def page_of(
+    query: TaskQuery, members: Sequence[str], found: Sequence[Task | Missing | None]
+) -> tuple[TaskPage, list[str]]:
+    """The page that index entries read newest first from the cursor make, each
+    member with what its job reads as (a task; None, a job that is no task we can
+    read, which is skipped; GONE); and the members to drop from the index, those
+    whose job is gone. The page ends at ``query.limit`` matches; it has a cursor if
+    it stopped short of what was read, or read all the query's budget (phases 2
+    and 3 read at most that many: a filter that matches little costs no more)."""
+    tasks: list[Task] = []
+    gone: list[str] = []
+    looked = 0
+    for member, task in zip(members, found, strict=True):
+        looked += 1
+        if task is GONE:
+            gone.append(member)
+        elif task is not None and query.matches(task):
+            tasks.append(task)
+            if len(tasks) == query.limit:
+                break
+    more = looked < len(members) or len(members) == query.budget
+    cursor = encode_cursor(members[looked - 1]) if more and looked else None
+    return TaskPage(tasks=tasks, next_cursor=cursor), gone

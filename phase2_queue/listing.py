@@ -22,7 +22,7 @@ import redis
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from common.listing import TaskQuery, encode_cursor
+from common.listing import GONE, Missing, TaskQuery, page_of
 from common.models import Task, TaskPage
 from phase2_queue.jobs import TaskJob
 from phase2_queue.reading import UNREADABLE, end_registry, not_a_task, to_task
@@ -35,30 +35,15 @@ def read_page(connection: redis.Redis, index: str, query: TaskQuery) -> TaskPage
     found: Any = connection.zrevrangebylex(index, start, "-", 0, query.budget)
     members = [member.decode() for member in found]
     tasks = read_tasks(connection, [member.partition(":")[2] for member in members])
-    kept: list[Task] = []
-    gone: list[str] = []
-    looked: str | None = None
-    for member, task in zip(members, tasks, strict=True):
-        looked = member
-        if task is GONE:
-            gone.append(member)
-        elif isinstance(task, Task) and query.matches(task):
-            kept.append(task)
-            if len(kept) == query.limit:
-                break
+    page, gone = page_of(query, members, tasks)
     if gone:
         connection.zrem(index, *gone)
-    # More may remain if this page stopped short of what it read, or read all
-    # it was allowed to.
-    if looked is None or (looked == members[-1] and len(members) < query.budget):
-        return TaskPage(tasks=kept)
-    return TaskPage(tasks=kept, next_cursor=encode_cursor(looked))
+    return page
 
 
-GONE = object()  # an index entry whose job has expired
-
-
-def read_tasks(connection: redis.Redis, task_ids: list[str]) -> list[Task | object]:
+def read_tasks(
+    connection: redis.Redis, task_ids: list[str]
+) -> list[Task | Missing | None]:
     """Each task, GONE, or None (a job that is not a task we can read): the
     job hashes and latest results in one pipeline. What ``Job.fetch_many`` does,
     plus each job's ``latest_result()`` in the same round trip, and a job that
@@ -68,7 +53,7 @@ def read_tasks(connection: redis.Redis, task_ids: list[str]) -> list[Task | obje
             pipe.hgetall(TaskJob.key_for(task_id))
             pipe.xrevrange(Result.get_key(task_id), "+", "-", count=1)  # type: ignore[no-untyped-call]
         replies = pipe.execute()
-    tasks: list[Task | object] = []
+    tasks: list[Task | Missing | None] = []
     late: list[tuple[int, TaskJob, Result | None, str]] = []
     for number, task_id in enumerate(task_ids):
         raw, entries = replies[2 * number], replies[2 * number + 1]

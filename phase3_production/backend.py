@@ -19,7 +19,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from common.backend import IdempotencyConflict
-from common.listing import TaskQuery, encode_cursor
+from common.listing import GONE, TaskQuery, page_of
 from common.models import BatchCreate, Task, TaskCreate, TaskPage, new_task
 from common.settings import Settings
 from phase2_queue.backend import (
@@ -162,8 +162,9 @@ class FastRQBackend(RQBackend):
             self._wait_slots.release()
 
     async def list(self, query: TaskQuery) -> TaskPage:
-        """Phase 2's page from the index, in two round trips: the page's members,
-        then every job on it and its latest result."""
+        """Phase 2's page from the index (common/listing.py's page_of), in two
+        round trips: the page's members, then every job on it and its latest
+        result."""
         newest = f"({query.after}" if query.after else "+"
         with unavailable_when_redis_is_down():
             members: list[bytes] = await self.batch.execute_command(
@@ -173,23 +174,17 @@ class FastRQBackend(RQBackend):
             replies = await self.batch.execute_commands(
                 *itertools.chain.from_iterable(_reads(task_id) for task_id in ids)
             )
-        tasks, gone = [], []
-        looked = 0
-        for looked, (member, task_id) in enumerate(zip(members, ids, strict=True), 1):
-            raw, results = replies[2 * looked - 2], replies[2 * looked - 1]
-            task = await self._decode(task_id, raw, results)
-            if task is None:
-                gone.append(member)  # expired or deleted: drop it from the index
-            elif query.matches(task):
-                tasks.append(task)
-                if len(tasks) == query.limit:
-                    break
+        found = [
+            GONE if not raw else await self._decode(task_id, raw, results)
+            for task_id, raw, results in zip(
+                ids, replies[::2], replies[1::2], strict=True
+            )
+        ]
+        page, gone = page_of(query, [m.decode() for m in members], found)
         if gone:
             with unavailable_when_redis_is_down():
                 await self.batch.execute_command("ZREM", self._index, *gone)
-        more = looked < len(members) or len(members) == query.budget
-        cursor = encode_cursor(members[looked - 1].decode()) if more else None
-        return TaskPage(tasks=tasks, next_cursor=cursor)
+        return page
 
     async def _fetch(self, task_id: str) -> Task | None:
         with unavailable_when_redis_is_down():
