@@ -108,9 +108,12 @@ def hash(data: str, iterations: int) -> dict[str, str]:  # noqa: A001
 
 
 def flaky(fail_times: int) -> dict[str, int]:
-    """Fail the first ``fail_times`` attempts, then succeed: shows retries."""
+    """Fail the first ``fail_times`` attempts, then succeed: shows retries. A
+    failing attempt reports progress first, which the next attempt starts
+    without (a task's progress is its current attempt's)."""
     attempt = current_attempt()
     if attempt <= fail_times:
+        report_progress(0, 1, f"attempt {attempt} is about to fail")
         raise RuntimeError(f"attempt {attempt} of {fail_times + 1} fails on purpose")
     return {"attempts": attempt}
 

@@ -254,6 +254,7 @@ class InProcessBackend:
             task.status = TaskStatus.RUNNING
             task.attempts += 1
             task.started_at = utcnow()
+            task.progress = None  # an attempt's progress is its own
             self._changed(entry)
             try:
                 result = await self._execute(entry, slot)

@@ -82,6 +82,9 @@ class TaskJob(Job):
         # Same pipeline as RQ's own bookkeeping: no extra round trip.
         pipeline.hincrby(self.key, "attempts", 1)
         pipeline.hdel(self.key, "reporting")  # an earlier attempt's claim
+        # And its progress: a task's progress is its current attempt's.
+        if self.meta.pop("progress", None) is not None:
+            pipeline.hset(self.key, "meta", self._serialize_meta())
 
     def retry(self, queue: Queue, pipeline: Any) -> None:
         """RQ's, with every write of a delayed retry in the caller's pipeline. RQ's

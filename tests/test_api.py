@@ -84,6 +84,8 @@ def test_flaky_task_is_retried_then_succeeds(client: TestClient) -> None:
     assert task["status"] == "succeeded", task
     assert task["result"] == {"attempts": 3}
     assert task["attempts"] == 3
+    # The failed attempts reported progress; the last, which did not, shows none.
+    assert task["progress"] is None, task
 
 
 def test_flaky_task_without_enough_retries_fails(client: TestClient) -> None:
@@ -91,6 +93,7 @@ def test_flaky_task_without_enough_retries_fails(client: TestClient) -> None:
     assert task["status"] == "failed", task
     assert task["attempts"] == 2
     assert "fails on purpose" in task["error"]
+    assert task["progress"]["message"] == "attempt 2 is about to fail", task
 
 
 def test_fail_task_ends_failed_with_a_readable_error(client: TestClient) -> None:
