@@ -33,44 +33,39 @@ def table(results: dict[str, Any]) -> str:
     pending = [k for k in measured if "get_unfinished" in results[k]]
     if pending:
         bg = results["baseline_get"]
-        lines += [
-            "",
+        lines += _table(
             "| | GET /tasks/{id} of an unfinished task req/s | CPU µs/req | vs bare GET |",
-            "|---|---|---|---|",
-        ]
-        for key in pending:
-            u = results[key]["get_unfinished"]
-            lines.append(
+            [
                 f"| {key} | {u['rps']:.0f} | {_cpu(u)} | {ratio(u['rps'], bg['rps'])} |"
-            )
+                for key in pending
+                for u in [results[key]["get_unfinished"]]
+            ],
+        )
     waited = [
         k for k in ("phase1", "phase2", "phase3") if "batch" in results.get(k, {})
     ]
     if waited:
-        lines += [
-            "",
+        lines += _table(
             "| | `?wait=` answered after the task's end, p50 / p99 ms | `POST /tasks/batch` of 100, tasks/s (API alone) | batch p50 / p99 ms |",
-            "|---|---|---|---|",
-        ]
-        for key in waited:
-            r = results[key]
-            b = r["batch"]
-            lines.append(
+            [
                 f"| {key} | {r['wait_p50_ms']} / {r['wait_p99_ms']} | "
-                f"{b['tasks_per_s']} | {b['p50_ms']} / {b['p99_ms']} |"
-            )
+                f"{r['batch']['tasks_per_s']} | {r['batch']['p50_ms']} / {r['batch']['p99_ms']} |"
+                for key in waited
+                for r in [results[key]]
+            ],
+        )
     durable = [
         k for k in ("phase1", "phase2", "phase3") if "durability" in results.get(k, {})
     ]
     if durable:
-        lines += [
-            "",
+        lines += _table(
             "| kill -9 mid-run, then restart | tasks accepted | lost |",
-            "|---|---|---|",
-        ]
-        for key in durable:
-            d = results[key]["durability"]
-            lines.append(f"| {key} | {d['submitted']} | {d['lost']} |")
+            [
+                f"| {key} | {d['submitted']} | {d['lost']} |"
+                for key in durable
+                for d in [results[key]["durability"]]
+            ],
+        )
     if "phase2" in measured and "phase3" in measured:
         p2, p3 = results["phase2"], results["phase3"]
         lines += [
@@ -153,3 +148,8 @@ def peers_table(peers: dict[str, Any]) -> list[str]:
     ]
     lines += [f"- {reason}" for reason in peers["skipped"].values()]
     return lines
+
+
+def _table(header: str, rows: list[str]) -> list[str]:
+    """A Markdown table after a blank line: the header, its rule, the rows."""
+    return ["", header, "|" + "---|" * (header.count("|") - 1), *rows]
