@@ -75,6 +75,8 @@ class TaskWorker(RecoveringWorker):
             # RQ's documented place for what a job reports of itself: its meta.
             # save_meta() writes the meta field alone (one HSET), so it never
             # meets the keeper thread's heartbeats, which write other fields.
+            if "unserialized" in job.meta:
+                return  # a meta RQ could not read (a pickle, say): left as it is
             job.meta["progress"] = {"done": done, "total": total, "message": message}
             job.save_meta()  # type: ignore[no-untyped-call]
 

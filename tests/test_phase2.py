@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,15 +24,6 @@ from phase2_queue import create_app
 from taskman.redis_server import EmbeddedRedis
 from tests.conftest import submit, wait_for
 from tests.processes import drain_queue
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of this test's own, which it may kill."""
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop(kill=True)
 
 
 @pytest.fixture

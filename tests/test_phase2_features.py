@@ -36,15 +36,6 @@ RQ = str(Path(sys.executable).parent / "rq")
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of this test's own: nothing else sends it commands."""
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop(kill=True)
-
-
-@pytest.fixture
 def settings(own_redis: EmbeddedRedis) -> Settings:
     return Settings(
         redis_url=own_redis.url,
