@@ -203,14 +203,16 @@ def _wait_until_finished(client: httpx.Client, ids: list[str]) -> dict[str, int]
     """Every task's final status, counted; fails on one stuck for 60 s."""
     deadline = time.monotonic() + 60
     final: dict[str, str] = {}
+    last: dict[str, Any] = {}
     while len(final) < len(ids):
         for task_id in ids:
             if task_id not in final:
-                status = client.get(f"/tasks/{task_id}").json()["status"]
-                if status in FINISHED:
-                    final[task_id] = status
-        stuck = len(ids) - len(final)
-        assert time.monotonic() < deadline, f"{stuck} of {len(ids)} tasks stuck"
+                last[task_id] = client.get(f"/tasks/{task_id}").json()
+                if last[task_id]["status"] in FINISHED:
+                    final[task_id] = last[task_id]["status"]
+        stuck = [last[i] for i in ids if i not in final]
+        # Shown with a failure: what each stuck task was doing.
+        assert time.monotonic() < deadline, f"{len(stuck)} of {len(ids)} stuck: {stuck}"
         time.sleep(0.2)
     counts: dict[str, int] = {}
     for status in final.values():
