@@ -4,6 +4,8 @@ the task wholly queued on the primary, and the same task again for a retry with
 the Idempotency-Key. Sentinel settings are checked here too."""
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +187,29 @@ def test_the_urls_password_reaches_the_primary_and_the_sentinel(
     finally:
         stop(sentinel)
         primary.stop()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_repeat_is_answered_only_once_a_replica_holds_the_first(
+    phase: str, primary: EmbeddedRedis, replica: EmbeddedRedis
+) -> None:
+    """A 200 for a repeated Idempotency-Key means what a 202 means: replicated.
+    The repeat comes from a fresh API (new connections, which have written
+    nothing, so a bare WAIT would count the stalled replica as holding it)."""
+    body = {"type": "echo", "payload": {"value": 3}}
+    key = {"Idempotency-Key": f"stalled-{phase}"}
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)  # connected, acknowledging nothing
+    try:
+        with app(phase, primary, wait_timeout=0.2) as client:
+            first = client.post("/tasks", json=body, headers=key)
+        assert first.status_code == 503, first.text
+        with app(phase, primary, wait_timeout=0.2) as client:
+            again = client.post("/tasks", json=body, headers=key)
+        assert again.status_code == 503, again.text
+    finally:
+        os.kill(replica.process.pid, signal.SIGCONT)
+    with app(phase, primary, wait_timeout=3) as client:
+        repeat = client.post("/tasks", json=body, headers=key)
+    assert repeat.status_code == 200, repeat.text
+    assert redis.Redis(port=replica.port).exists(f"rq:job:{repeat.json()['id']}")
