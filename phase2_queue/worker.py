@@ -6,8 +6,9 @@
 4. It recovers a killed worker's job in seconds (recovery.py).
 5. It reports an outcome only for a job still its own: not canceled meanwhile,
    not taken back while this worker was stopped.
-6. It listens on three queues, high, normal and low priority, in that order, and
-   keeps a task's progress in its job's meta.
+6. It listens on three queues, high, normal and low priority, in that order,
+   and takes a job into RQ's intermediate list, never off every list (taking.py);
+   it keeps a task's progress in its job's meta.
 """
 
 import logging
@@ -29,6 +30,7 @@ from common.settings import Settings
 from phase2_queue.jobs import TaskJob, connect, task_queues
 from phase2_queue.recovery import RecoveringWorker
 from phase2_queue.scheduler import in_scheduler_child
+from phase2_queue.taking import TakingQueue
 
 log = logging.getLogger("taskman")
 
@@ -63,9 +65,22 @@ class TaskWorker(RecoveringWorker):
     """RQ's SimpleWorker, with attempts and cooperative cancel, that reports a
     job's outcome only if the job is still this worker's to report."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, queues: list[Queue], *args: Any, **kwargs: Any) -> None:
+        # Its take: into an intermediate list, on three queues too (taking.py).
+        kwargs.setdefault("queue_class", TakingQueue)
+        queues = [
+            q if isinstance(q, TakingQueue) else TakingQueue.from_queue(q)
+            for q in queues
+        ]
+        super().__init__(queues, *args, **kwargs)
         self._claim = self.connection.register_script(CLAIM)
+
+    def prepare_job_execution(
+        self, job: Job, remove_from_intermediate_queue: bool = False
+    ) -> None:
+        """RQ's; the job always leaves its queue's intermediate list (RQ's leaves
+        it only on one queue: on several, its BLPOP put the job in none)."""
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         assert isinstance(job, TaskJob)

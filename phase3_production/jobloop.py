@@ -46,6 +46,7 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job, parse_job_id
 from rq.utils import as_text
 
+from phase2_queue.taking import TakingQueue
 from phase2_queue.worker import CLAIM
 
 # The longest an idle worker blocks on the wake stream before it looks at the
@@ -189,7 +190,7 @@ class Outbox:
         return list(reply[1:])
 
 
-class FastQueue(Queue):
+class FastQueue(TakingQueue):
     """RQ's queue, whose dequeue takes a job and its hash in one round trip,
     the round trip that reports the job before (its ``outbox``)."""
 
@@ -212,12 +213,13 @@ class FastQueue(Queue):
         cls,
         queues: Iterable[Queue],
         timeout: int | None,
-        connection: redis.Redis,
+        connection: redis.Redis | None = None,
         job_class: type[Job] | None = None,
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
         listened = list(queues)
+        assert connection is not None  # RQ's worker always gives its own
         outbox = getattr(listened[0], "outbox", None) or Outbox()
         reported = outbox.pending is not None
         taken = outbox.run(connection, listened)
