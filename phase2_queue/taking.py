@@ -20,7 +20,7 @@ job. A job pushed on the high or low queue while every worker waits is seen with
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 import redis
 from rq import Queue
@@ -41,7 +41,7 @@ class TakingQueue(Queue):
     the job it takes into an intermediate list."""
 
     @classmethod
-    def from_queue(cls, queue: Queue) -> "TakingQueue":
+    def from_queue(cls, queue: Queue) -> Self:
         """The same queue, of this class."""
         return cls(
             queue.name,
@@ -61,41 +61,44 @@ class TakingQueue(Queue):
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
         listened = list(queues)
-        assert connection is not None
+        assert connection is not None  # RQ's worker always gives its own
         normal = next(
             (q for q in listened if priority_of(q.name) is Priority.NORMAL),
             listened[0],
         )
         deadline = time.monotonic() + (timeout or 0)
         while True:
-            taken = next(
-                (
-                    (queue, moved)
-                    for queue in listened
-                    if (moved := cls.lmove(connection, queue.key, None)) is not None
-                ),
-                None,
-            )  # LMOVE on each queue in order, no wait
-            if taken is not None:
-                queue, (queue_key, job_id) = taken[0], map(as_text, taken[1])
-                fetched = cls._fetch_dequeued_job(
-                    connection,
-                    queue_key,
-                    job_id,
-                    job_class=job_class,
-                    serializer=serializer,
-                    death_penalty_class=death_penalty_class,
-                )
-                if fetched is not None:
-                    return fetched
-                # The job is gone (RQ's dequeue skips it): out of the list, next.
-                connection.lrem(queue.intermediate_queue_key, 1, job_id)
-                continue
-            if timeout is None:
-                return None  # burst: as RQ's, no wait
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DequeueTimeout(timeout, [q.key for q in listened])
+            for queue in listened:  # high, normal, low: RQ's one-queue LMOVE
+                while (moved := cls.lmove(connection, queue.key, None)) is not None:
+                    queue_key, job_id = map(as_text, moved)
+                    fetched = cls._fetch_dequeued_job(
+                        connection,
+                        queue_key,
+                        job_id,
+                        job_class=job_class,
+                        serializer=serializer,
+                        death_penalty_class=death_penalty_class,
+                    )
+                    if fetched is not None:
+                        return fetched
+                    # The job is gone (RQ's dequeue skips it): out of the list.
+                    connection.lrem(queue.intermediate_queue_key, 1, job_id)
+            left = wait_left(timeout, deadline, listened)
+            if left is None:
+                return None
             wait = min(left, LOOK_AGAIN_SECONDS)
             # redis-py types the timeout as whole seconds; Redis takes a fraction.
             connection.blmove(normal.key, normal.key, wait, "LEFT", "LEFT")  # type: ignore[arg-type]
+
+
+def wait_left(
+    timeout: int | None, deadline: float, queues: list[Queue]
+) -> float | None:
+    """How long an idle take may still wait: None in burst mode (no wait, as
+    RQ's); DequeueTimeout, which RQ's worker loop expects, once it is over."""
+    if timeout is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DequeueTimeout(timeout, [q.key for q in queues])
+    return left

@@ -42,11 +42,10 @@ from typing import Any
 
 import redis
 from rq import Queue
-from rq.exceptions import DequeueTimeout
 from rq.job import Job, parse_job_id
 from rq.utils import as_text
 
-from phase2_queue.taking import TakingQueue
+from phase2_queue.taking import TakingQueue, wait_left
 from phase2_queue.worker import CLAIM
 
 # The longest an idle worker blocks on the wake stream before it looks at the
@@ -199,12 +198,7 @@ class FastQueue(TakingQueue):
     @classmethod
     def of(cls, queue: Queue, outbox: Outbox) -> "FastQueue":
         """The same queue, of this class, sharing ``outbox``."""
-        fast = cls(
-            queue.name,
-            connection=queue.connection,
-            serializer=queue.serializer,
-            job_class=queue.job_class,
-        )
+        fast = cls.from_queue(queue)
         fast.outbox = outbox
         return fast
 
@@ -227,11 +221,9 @@ class FastQueue(TakingQueue):
             taken = outbox.run(connection, listened)
         deadline = time.monotonic() + (timeout or 0)
         while taken[0] == 0:  # every queue empty: wait for a wake (or a poll)
-            left = deadline - time.monotonic()
-            if timeout is None:
-                return None  # burst: as RQ's, no wait
-            if left <= 0:
-                raise DequeueTimeout(timeout, [q.key for q in listened])
+            left = wait_left(timeout, deadline, listened)
+            if left is None:
+                return None
             seen = zip((wake_key(q.name) for q in listened), taken[1], strict=True)
             block = max(1, int(min(left, WAKE_POLL_SECONDS) * 1000))
             connection.xread(dict(seen), count=1, block=block)
